@@ -1,0 +1,1 @@
+"""ftcore: instruction fine-tuning in raw PyTorch."""

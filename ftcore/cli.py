@@ -1,0 +1,112 @@
+"""`ftcore train|eval|generate|export|bench`.
+
+A user mistake (bad config, bad data, a checkpoint that does not match) ends with one line on
+stderr and exit code 2, not a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from ftcore.config import ConfigError
+    from ftcore.model import ModelConfigError
+    from ftcore.weights import WeightsError
+    errors: list[type[BaseException]] = [ConfigError, ModelConfigError, WeightsError]
+    try:
+        from ftcore.data import DataError
+        from ftcore.templates import TemplateError
+        errors += [DataError, TemplateError]
+    except ImportError:
+        pass
+    from ftcore.train import NonFiniteError
+    errors.append(NonFiniteError)
+    return tuple(errors)
+
+
+def cmd_train(args) -> int:
+    from ftcore.config import load_config
+    from ftcore.parallel import shutdown
+    from ftcore.train import train
+    cfg = load_config(args.config, args.overrides)
+    try:
+        train(cfg)
+    finally:
+        shutdown()
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from ftcore.config import load_config
+    from ftcore.evaluate import run_eval
+    cfg = load_config(args.config, args.overrides)
+    run_eval(cfg, args.model)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from ftcore.generate import generate_main
+    return generate_main(args) or 0
+
+
+def cmd_export(args) -> int:
+    from ftcore.export import export_checkpoint
+    export_checkpoint(args.checkpoint, args.out, base=args.base)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from ftcore.config import load_config
+    from ftcore.memory import estimate_report
+    cfg = load_config(args.estimate, args.overrides)
+    print(estimate_report(cfg, world_size=args.world_size))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ftcore", description="instruction fine-tuning in raw PyTorch")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune (and evaluate) as a config says")
+    t.add_argument("config")
+    t.add_argument("overrides", nargs="*", help="section.key=value (values parsed as TOML)")
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate base and fine-tuned models on the test split")
+    e.add_argument("config")
+    e.add_argument("overrides", nargs="*")
+    e.add_argument("--model", action="append", required=True,
+                   help="model directory; give it twice: --model BASE --model FINETUNED")
+    e.set_defaults(fn=cmd_eval)
+
+    g = sub.add_parser("generate", help="decode from a prompt, streaming tokens")
+    from ftcore.generate import add_generate_args
+    add_generate_args(g)
+    g.set_defaults(fn=cmd_generate)
+
+    x = sub.add_parser("export", help="write a training checkpoint as an HF directory")
+    x.add_argument("checkpoint", help="RUN_DIR/checkpoints/step_XXXXXXXX")
+    x.add_argument("--out", required=True)
+    x.add_argument("--base", default=None, help="the base model directory (default: from the run's config.toml)")
+    x.set_defaults(fn=cmd_export)
+
+    b = sub.add_parser("bench", help="memory estimate of a config (no GPU needed); timed runs: bench/")
+    b.add_argument("--estimate", required=True, metavar="CONFIG")
+    b.add_argument("overrides", nargs="*")
+    b.add_argument("--world-size", type=int, default=1)
+    b.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except _user_errors() as e:
+        print(f"ftcore {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""Run configuration: typed dataclasses per TOML section, `section.key=value` overrides, validation.
+
+A config file is a TOML document whose tables are the sections below. Unknown sections or keys and
+values of the wrong type are refused with one line that names the key and lists the valid ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or an override: the message is the whole story."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""                 # HF checkpoint directory; empty = the base comes from [pretrain]
+    dtype: str = "float32"         # dtype of the weights as loaded (the master weights)
+
+
+@dataclass
+class PretrainConfig:
+    """A from-scratch base model for machines with no checkpoint: BPE tokenizer + a tiny Llama
+    trained on raw text with loss on every token. Used when model.path is empty."""
+    steps: int = 300
+    vocab_size: int = 2048
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 384
+    seq_len: int = 256
+    batch_size: int = 16
+    lr: float = 3e-3
+
+
+@dataclass
+class SyntheticConfig:
+    num_records: int = 3000
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    path: str = ""                 # empty = the embedded review generator ([data.synthetic])
+    format: str = ""               # jsonl | json | csv; empty = from the file suffix
+    templates: Union[list[str], dict[str, float]] = field(
+        default_factory=lambda: ["rating", "sentiment", "summary", "review"])
+    user_templates: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> {prompt, completion, kind}
+    rename: dict[str, str] = field(default_factory=dict)  # dataset column -> template field
+    split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    max_seq_len: int = 512
+    max_completion_tokens: int = 128
+    overlong: str = "truncate"     # truncate | drop (a completion longer than the room left)
+    missing_field: str = "skip"    # skip | error (a record lacks a field a template needs)
+    batching: str = "pad"          # pad | bucket | pack
+    chat_format: str = "chatml"    # chatml | llama3 (for chat `messages` data)
+    max_records: int = 0           # 0 = all
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    resume: str = "auto"           # auto | never
+    global_batch_size: int = 16
+    micro_batch_size: int = 4
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    schedule: str = "cosine"       # cosine | linear | constant
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0         # 0 = off
+    precision: str = "fp32"        # fp32 | bf16-autocast | bf16-mixed | bf16
+    activation_checkpointing: str = "none"  # none | full | selective
+    loss: str = "auto"             # auto (triton on CUDA, torch on CPU) | torch | triton | compile | chunked
+    compile: bool = False          # torch.compile each transformer block
+    fsdp: str = "auto"             # auto (on when world > 1) | on | off
+    reshard_after_forward: bool = True
+    nonfinite: str = "stop"        # stop | skip
+    device: str = "auto"           # auto | cpu | cuda
+
+
+@dataclass
+class EvalConfig:
+    base: bool = True
+    final: bool = True
+    every: int = 0                 # validation loss every N steps; 0 = off
+    max_examples: int = 200        # per task
+    shots: int = 0                 # k in-context examples for the base model's k-shot baseline
+    heldout: bool = True           # also evaluate on held-out instruction paraphrases
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    samples: int = 3               # example generations shown side by side in eval.md
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0                 # 0 = no periodic checkpoints
+    keep: int = 2
+    export_final: bool = True
+
+
+@dataclass
+class LogConfig:
+    every: int = 1
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+CHOICES = {
+    "train.resume": ("auto", "never"),
+    "train.schedule": ("cosine", "linear", "constant"),
+    "train.precision": ("fp32", "bf16-autocast", "bf16-mixed", "bf16"),
+    "train.activation_checkpointing": ("none", "full", "selective"),
+    "train.fsdp": ("auto", "on", "off"),
+    "train.nonfinite": ("stop", "skip"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "data.format": ("", "jsonl", "json", "csv"),
+    "data.overlong": ("truncate", "drop"),
+    "data.missing_field": ("skip", "error"),
+    "data.batching": ("pad", "bucket", "pack"),
+    "data.chat_format": ("chatml", "llama3"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# building dataclasses from TOML tables, with type checks
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is dict:
+        k, v = typing.get_args(tp)
+        return isinstance(value, dict) and all(_type_ok(a, k) and _type_ok(b, v) for a, b in value.items())
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _build(cls, table: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in table.items():
+        path = f"{where}.{key}" if where else key
+        if key not in hints:
+            raise ConfigError(f"unknown key '{path}'; valid keys in [{where or 'top level'}]: {', '.join(names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{path}' must be a table, got {value!r}")
+            value = _build(tp, value, path)
+        else:
+            if tp is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not _type_ok(value, tp):
+                raise ConfigError(f"'{path}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+            if path in CHOICES and value not in CHOICES[path]:
+                raise ConfigError(f"'{path}' must be one of {', '.join(map(repr, CHOICES[path]))}, got {value!r}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # not a TOML value: a plain string (e.g. run.dir=runs/x)
+    return key.split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    table: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            table = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = table
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{k}' is not a table")
+        node[keys[-1]] = value
+    cfg = _build(Config, table, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    t, d = cfg.train, cfg.data
+    if t.global_batch_size <= 0 or t.micro_batch_size <= 0:
+        raise ConfigError("train.global_batch_size and train.micro_batch_size must be positive")
+    if t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                          f"train.micro_batch_size={t.micro_batch_size}")
+    if len(d.split) != 3 or any(r < 0 for r in d.split) or sum(d.split) <= 0:
+        raise ConfigError(f"data.split must be three non-negative ratios (train, validation, test), got {d.split}")
+    if d.max_completion_tokens >= d.max_seq_len:
+        raise ConfigError(f"data.max_completion_tokens={d.max_completion_tokens} must be < data.max_seq_len={d.max_seq_len}")
+    if t.max_steps < 0:
+        raise ConfigError("train.max_steps must be >= 0")
+
+
+def accumulation_steps(cfg: Config, world_size: int) -> int:
+    per_step = cfg.train.micro_batch_size * world_size
+    if cfg.train.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} must be a multiple of "
+            f"micro_batch_size × world size = {cfg.train.micro_batch_size} × {world_size}")
+    return cfg.train.global_batch_size // per_step
+
+
+# ---------------------------------------------------------------------------------------------
+# writing the resolved config back as TOML (tomllib reads only; this covers our value types)
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def _toml_key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else _toml_value(k)
+
+
+def to_toml(cfg: Config) -> str:
+    lines = []
+
+    def emit(obj, prefix):
+        scalars, tables = [], []
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            (tables if dataclasses.is_dataclass(v) else scalars).append((f.name, v))
+        lines.append(f"[{prefix}]")
+        lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in scalars)
+        lines.append("")
+        for k, v in tables:
+            emit(v, f"{prefix}.{k}")
+
+    for f in dataclasses.fields(cfg):
+        emit(getattr(cfg, f.name), f.name)
+    return "\n".join(lines)

@@ -1,0 +1,437 @@
+"""A minimal Llama-family decoder: Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5.
+
+token embedding -> N x [RMSNorm -> GQA attention (RoPE, SDPA) -> residual,
+                        RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> lm_head
+
+With labels, forward computes the loss itself (by the configured loss kernel) and returns
+(loss_sum, n_target_tokens): the lm_head weight is only whole inside forward when FSDP shards it,
+and the training loop normalises by the global token count of the step.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+IGNORE_INDEX = -100
+
+
+class ModelConfigError(ValueError):
+    """A config.json this model cannot reproduce faithfully."""
+
+
+@dataclass
+class ModelConfig:
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 256
+    intermediate_size: int = 768
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    head_dim: int = 0                      # 0 = hidden_size // num_heads
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None       # None (plain) or {"rope_type": "llama3"|"linear", ...}
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False                 # Qwen2, or Llama with attention_bias
+    o_bias: bool = False                   # Llama with attention_bias
+    mlp_bias: bool = False
+    sliding_window: int | None = None      # refused at forward time if a sequence is longer
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    extra: dict = field(default_factory=dict)  # HF fields kept for the round trip, unused here
+
+    def __post_init__(self):
+        if not self.head_dim:
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ModelConfigError(f"num_attention_heads={self.num_heads} is not a multiple of "
+                                   f"num_key_value_heads={self.num_kv_heads}")
+
+    # --- Hugging Face config.json, classic and transformers-5 forms -----------------------------
+    @classmethod
+    def from_hf(cls, d: dict[str, Any], where: str = "config.json") -> "ModelConfig":
+        mt = d.get("model_type")
+        if mt not in SUPPORTED_MODEL_TYPES:
+            raise ModelConfigError(f"{where}: model_type {mt!r} is not supported "
+                                   f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise ModelConfigError(f"{where}: hidden_act {act!r} is not implemented (only 'silu')")
+        rope = dict(d.get("rope_parameters") or {})      # transformers 5
+        theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
+        scaling = d.get("rope_scaling") or (rope if rope else None)
+        if scaling is not None:
+            scaling = dict(scaling)
+            kind = scaling.get("rope_type", scaling.get("type", "default"))
+            scaling.pop("type", None)
+            scaling["rope_type"] = kind
+            if kind == "default":
+                scaling = None
+            elif kind not in ("llama3", "linear"):
+                raise ModelConfigError(f"{where}: rope_scaling type {kind!r} is not implemented "
+                                       "(supported: default, llama3, linear)")
+        sliding = None
+        layer_types = d.get("layer_types")
+        if layer_types and any(t != "full_attention" for t in layer_types):
+            raise ModelConfigError(f"{where}: layer_types {sorted(set(layer_types))} includes sliding "
+                                   "attention, which is not implemented")
+        if mt == "mistral" and d.get("sliding_window"):
+            sliding = int(d["sliding_window"])
+        if mt == "qwen2" and d.get("use_sliding_window"):
+            n_layers, mwl = d["num_hidden_layers"], d.get("max_window_layers", d["num_hidden_layers"])
+            if mwl < n_layers and d.get("sliding_window"):
+                sliding = int(d["sliding_window"])
+        qkv_bias = mt == "qwen2" or bool(d.get("attention_bias", False))
+        known = {"model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+                 "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "tie_word_embeddings",
+                 "attention_bias", "mlp_bias", "sliding_window", "use_sliding_window", "layer_types",
+                 "max_window_layers", "bos_token_id", "eos_token_id", "pad_token_id", "hidden_act",
+                 "architectures", "torch_dtype", "dtype", "transformers_version"}
+        return cls(
+            model_type=mt,
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_layers=d["num_hidden_layers"],
+            num_heads=d["num_attention_heads"],
+            num_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+            head_dim=d.get("head_dim") or 0,
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=qkv_bias,
+            o_bias=mt != "qwen2" and bool(d.get("attention_bias", False)),
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            sliding_window=sliding,
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"),
+            pad_token_id=d.get("pad_token_id"),
+            extra={k: v for k, v in d.items() if k not in known},
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ModelConfigError(f"{path}: not found")
+        return cls.from_hf(json.loads(path.read_text()), where=str(path))
+
+    def to_hf(self, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+        d: dict[str, Any] = dict(self.extra)
+        d.update(
+            architectures=[arch[self.model_type]], model_type=self.model_type,
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
+            head_dim=self.head_dim, max_position_embeddings=self.max_position_embeddings,
+            rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta, rope_scaling=self.rope_scaling,
+            tie_word_embeddings=self.tie_word_embeddings, hidden_act="silu",
+            bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+            torch_dtype=str(dtype).removeprefix("torch."),
+        )
+        if self.model_type == "llama":
+            d.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
+        if self.model_type == "mistral":
+            d["sliding_window"] = self.sliding_window
+        if self.model_type == "qwen2":
+            d.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.num_layers)
+        return d
+
+    def num_params(self) -> int:
+        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
+        q = self.num_heads * self.head_dim
+        attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.qkv_bias else 0) + (h if self.o_bias else 0)
+        mlp = 3 * h * self.intermediate_size
+        per_layer = attn + mlp + 2 * h
+        emb = self.vocab_size * h
+        return self.num_layers * per_layer + h + emb * (1 if self.tie_word_embeddings else 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# rotary embeddings
+
+def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    if s["rope_type"] == "linear":
+        return inv_freq / s["factor"]
+    # llama3: long wavelengths divided by `factor`, short ones kept, a smooth ramp in between
+    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+# ------------------------------------------------------------------------------------------------
+# layers
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32, scale in the input dtype: the same rounding as the HF reference
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+
+
+class KVCache:
+    """Per-layer keys/values for decoding, preallocated to max_len, plus which slots hold a real
+    token (left padding of a batch of prompts leaves invalid slots)."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype, device):
+        shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        t = k.shape[2]
+        self.k[layer][:, :, self.length:self.length + t] = k
+        self.v[layer][:, :, self.length:self.length + t] = v
+        end = self.length + t
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        h = cfg.hidden_size
+        self.wq = nn.Linear(h, self.n_heads * self.hd, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(h, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(h, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(self.n_heads * self.hd, h, bias=cfg.o_bias)
+
+    def forward(self, x, cos, sin, mask: "AttnMask", kv_cache: KVCache | None = None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)
+        y = mask.attend(q, k, v)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.w_gate = nn.Linear(h, i, bias=cfg.mlp_bias)
+        self.w_up = nn.Linear(h, i, bias=cfg.mlp_bias)
+        self.w_down = nn.Linear(i, h, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, layer_idx)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, kv_cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+# ------------------------------------------------------------------------------------------------
+# attention masks: plain causal, packed documents, decoding with a cache
+
+class AttnMask:
+    """How queries may attend, decided once per forward and shared by every layer.
+
+    causal: SDPA's is_causal (flash/efficient kernels). dense: a boolean (B, 1, Tq, Tk) mask, for
+    packed documents on CPU and for decoding. block: a flex-attention BlockMask for packed
+    documents on CUDA, which never materialises a T x T mask."""
+
+    def __init__(self, kind: str, dense: torch.Tensor | None = None, block=None):
+        self.kind, self.dense, self.block = kind, dense, block
+
+    def attend(self, q, k, v):
+        if self.kind == "causal":
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        if self.kind == "dense":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense, enable_gqa=True)
+        return _flex_attention()(q, k, v, block_mask=self.block, enable_gqa=True)
+
+
+_FLEX = None
+
+
+def _flex_attention():
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+        # compiled, flex attention runs as a fused kernel; eager it is a slow reference
+        _FLEX = torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
+    return _FLEX
+
+
+def document_mask(doc_ids: torch.Tensor, use_flex: bool) -> AttnMask:
+    """Causal attention within each packed example (doc_ids: (B, T), one id per example)."""
+    B, T = doc_ids.shape
+    if use_flex:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def same_doc_causal(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+
+        return AttnMask("block", block=create_block_mask(same_doc_causal, B, None, T, T, device=doc_ids.device))
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]
+    return AttnMask("dense", dense=(same & causal)[:, None])
+
+
+def cache_mask(cache: KVCache, attention_mask: torch.Tensor | None, t: int) -> AttnMask:
+    """New queries at positions [length, length + t) see every valid cached key up to themselves."""
+    start, end = cache.length, cache.length + t
+    B = cache.valid.shape[0]
+    new_valid = (torch.ones(B, t, dtype=torch.bool, device=cache.valid.device)
+                 if attention_mask is None else attention_mask.to(torch.bool))
+    cache.valid[:, start:end] = new_valid
+    q_pos = torch.arange(start, end, device=cache.valid.device)[:, None]
+    k_pos = torch.arange(end, device=cache.valid.device)[None, :]
+    allowed = cache.valid[:, None, :end] & (k_pos <= q_pos)[None]
+    # a padded query (its own key invalid, nothing before it) would see no key at all: softmax of
+    # nothing is NaN, so let every query see itself; padded outputs are never used
+    allowed = allowed | (k_pos == q_pos)[None]
+    return AttnMask("dense", dense=allowed[:, None])
+
+
+# ------------------------------------------------------------------------------------------------
+# the model
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, loss: str = "torch"):
+        super().__init__()
+        self.config = cfg
+        self.loss = loss  # a name in ftcore.kernels' registry
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None, loss: str = "torch") -> "Transformer":
+        from ftcore.weights import load_pretrained
+        return load_pretrained(cls, path, dtype=dtype, device=device, loss=loss)
+
+    def init_weights(self, std: float = 0.02, seed: int | None = None):
+        """Random init for from-scratch models (the HF Llama scheme: normal(0, std), zero biases)."""
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                w = torch.empty(m.weight.shape).normal_(0.0, std, generator=g)
+                with torch.no_grad():
+                    m.weight.copy_(w)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, RMSNorm):
+                m.reset_parameters()
+        self.reset_buffers()
+
+    def reset_buffers(self, device=None):
+        """Recompute non-persistent buffers (after building on the meta device)."""
+        device = device or self.embed.weight.device
+        self.inv_freq = rope_inv_freq(self.config, device=device)
+
+    def new_kv_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> KVCache:
+        w = self.embed.weight
+        return KVCache(self.config, batch_size, max_len, dtype or w.dtype, device or w.device)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None, attention_mask: torch.Tensor | None = None):
+        B, T = input_ids.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        sw = self.config.sliding_window
+        if sw is not None and start + T > sw:
+            raise ModelConfigError(f"sequence of {start + T} tokens exceeds sliding_window={sw}, and "
+                                   "sliding-window attention is not implemented")
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+
+        if kv_cache is not None:
+            mask = cache_mask(kv_cache, attention_mask, T)
+        elif doc_ids is not None:
+            mask = document_mask(doc_ids, use_flex=input_ids.is_cuda)
+        else:
+            mask = AttnMask("causal")
+
+        x = self.embed(input_ids)
+        # cos/sin in fp32, then in the residual dtype, once for all layers (as the HF reference)
+        freqs = position_ids[..., None].float() * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += T
+        h = self.norm(x)
+
+        if labels is None:
+            return self.lm_head(h)
+        return self.loss_sum(h, labels)
+
+    def loss_sum(self, h: torch.Tensor, labels: torch.Tensor):
+        from ftcore.kernels import get_loss  # lazily: kernels may import triton
+        w = self.lm_head.weight
+        if torch.is_autocast_enabled(h.device.type):
+            # autocast does not reach into custom kernels: hand them the autocast dtype ourselves
+            dt = torch.get_autocast_dtype(h.device.type)
+            h, w = h.to(dt), w.to(dt)
+        flat = labels.reshape(-1)
+        loss = get_loss(self.loss)(h.reshape(-1, h.shape[-1]), w, flat,
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss, (flat != IGNORE_INDEX).sum()

@@ -1,0 +1,138 @@
+"""Process group, FSDP2 sharding and activation checkpointing.
+
+Order matters and follows torchtitan: activation checkpointing, then torch.compile, then FSDP, all
+per transformer block, so each block is one unit of recompute, of compilation and of all-gather.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    mesh: object = None  # a 1-D DeviceMesh when FSDP is on
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(pref: str) -> torch.device:
+    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but no CUDA device is available")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def init_distributed(device_pref: str = "auto", need_group: bool = False) -> Dist:
+    """From torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR...). Without torchrun
+    a single process; with need_group it still gets a 1-rank group (FSDP needs one)."""
+    device = pick_device(device_pref)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if not dist.is_initialized():
+            dist.init_process_group(backend, timeout=timedelta(minutes=30))
+    elif need_group and not dist.is_initialized():
+        store = dist.HashStore()
+        dist.init_process_group(backend, store=store, rank=0, world_size=1)
+    if dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), device)
+    return Dist(device=device)
+
+
+def barrier(d: Dist) -> None:
+    if dist.is_initialized() and d.world_size > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------
+# FSDP2
+
+def apply_fsdp(model: torch.nn.Module, d: Dist, precision: str, reshard_after_forward: bool = True):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    d.mesh = init_device_mesh(d.device.type, (d.world_size,))
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if precision == "bf16-mixed" else MixedPrecisionPolicy())
+    for block in model.layers:
+        fully_shard(block, mesh=d.mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    # the root unit holds embed, final norm and lm_head: a tied embedding/lm_head weight must live
+    # in one unit. It is needed again right after forward (loss, then backward), so keep it whole.
+    fully_shard(model, mesh=d.mesh, mp_policy=mp, reshard_after_forward=False)
+    # the loss is already divided by the global token count of the step: reduce-scatter must sum
+    # the ranks' gradients, not average them again
+    for m in [*model.layers, model]:
+        m.set_gradient_divide_factor(1.0)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# activation checkpointing
+
+_SAVE_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+def _save_matmuls(ctx, op, *args, **kwargs):
+    # keep what is expensive to recompute (matmuls, attention); recompute norms, rope, silu, adds
+    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context():
+    return create_selective_checkpoint_contexts(_save_matmuls)
+
+
+def apply_activation_checkpointing(model: torch.nn.Module, mode: str) -> None:
+    """Recompute each block's activations in backward. The block's forward is replaced on the
+    instance (not wrapped in another module) so parameter names, and so checkpoints and HF export,
+    are unchanged."""
+    if mode == "none":
+        return
+    for block in model.layers:
+        inner = block.forward
+        if mode == "full":
+            def forward(*args, _inner=inner, **kw):
+                return checkpoint(_inner, *args, use_reentrant=False, **kw)
+        elif mode == "selective":
+            def forward(*args, _inner=inner, **kw):
+                return checkpoint(_inner, *args, use_reentrant=False, context_fn=_selective_context, **kw)
+        else:
+            raise ValueError(f"train.activation_checkpointing={mode!r}: expected none, full or selective")
+        block.forward = forward
+
+
+def apply_compile(model: torch.nn.Module) -> None:
+    for block in model.layers:
+        block.compile()

@@ -1,0 +1,77 @@
+"""A base model from scratch, for machines with no checkpoint to start from (the CPU quickstart).
+
+Trains a byte-level BPE tokenizer and a tiny Llama-family model on raw review text of the training
+split (loss on every token, no instructions), then saves it as an HF directory, so the fine-tune
+loads it through from_pretrained like any other checkpoint.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ftcore.config import Config
+from ftcore.model import ModelConfig, Transformer
+from ftcore.tokenizer import Tokenizer
+from ftcore.weights import save_pretrained
+
+
+def token_stream(texts: list[str], tok: Tokenizer) -> torch.Tensor:
+    """Every text as [bos] text [eos], concatenated: the pretraining corpus as one long sequence."""
+    out: list[int] = []
+    for ids in tok.encode_batch(texts):
+        out.append(tok.bos_id)
+        out.extend(ids)
+        out.append(tok.eos_id)
+    return torch.tensor(out, dtype=torch.long)
+
+
+def pretrain_base(cfg: Config, out_dir: Path, device: torch.device) -> Path:
+    from ftcore.data import source_records, split_records
+    from ftcore.reviews import pretraining_texts
+
+    p = cfg.pretrain
+    train_records, _, _ = split_records(source_records(cfg.data), cfg.data.split, cfg.run.seed)
+    texts = pretraining_texts(train_records)  # test reviews never reach the base model
+    tok = Tokenizer.train_bpe(texts, p.vocab_size)
+    stream = token_stream(texts, tok)
+    print(f"pretraining a base model: {len(texts)} texts, {len(stream):,} tokens, vocab {tok.vocab_size}", flush=True)
+
+    mcfg = ModelConfig(model_type="llama", vocab_size=tok.vocab_size, hidden_size=p.hidden_size,
+                       intermediate_size=p.intermediate_size, num_layers=p.num_layers, num_heads=p.num_heads,
+                       num_kv_heads=p.num_kv_heads, max_position_embeddings=max(p.seq_len, cfg.data.max_seq_len) * 2,
+                       rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
+                       bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    torch.manual_seed(cfg.run.seed)
+    model = Transformer(mcfg).to(device)
+    model.init_weights(seed=cfg.run.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=p.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    warmup = max(1, p.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, p.steps))))) * 0.9 + 0.1)
+
+    g = torch.Generator().manual_seed(cfg.run.seed)
+    n_windows = len(stream) - p.seq_len - 1
+    bar = tqdm(range(p.steps), desc="pretrain", dynamic_ncols=True)
+    for _ in bar:
+        starts = torch.randint(0, n_windows, (p.batch_size,), generator=g)
+        window = torch.stack([stream[s:s + p.seq_len + 1] for s in starts.tolist()]).to(device)
+        loss_sum, n = model(window[:, :-1], labels=window[:, 1:])
+        loss = loss_sum / n
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_pretrained(model, tmp, tokenizer=tok)
+    os.replace(tmp, out_dir)
+    return out_dir

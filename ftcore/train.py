@@ -1,0 +1,308 @@
+"""The training loop: full fine-tune of every weight, one loop for 1 and N processes.
+
+    base model ── eval (zero-shot, k-shot) ── fine-tune ── export final/ ── eval ── report
+
+The loss of an optimizer step is the sum of per-token cross-entropy over every completion token of
+the step (all micro-batches, all ranks) divided by that global count (DESIGN.md, "Rules of the loss").
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ftcore import checkpoint as ckpt
+from ftcore.config import Config, ConfigError, accumulation_steps, to_toml
+from ftcore.data import Example, StepSampler, format_stats, micro_batches, prepare_datasets
+from ftcore.memory import peak_mem_bytes
+from ftcore.model import IGNORE_INDEX, Transformer
+from ftcore.parallel import (Dist, all_reduce_sum, apply_activation_checkpointing, apply_compile, apply_fsdp,
+                             barrier, init_distributed)
+from ftcore.tokenizer import Tokenizer
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------
+# the step
+
+def n_targets(ex: Example) -> int:
+    """Completion tokens an example contributes once labels are shifted (labels[t] = token t+1)."""
+    return sum(1 for t in ex.labels[1:] if t != IGNORE_INDEX)
+
+
+def train_step(model, optimizer, batches: list[dict], n_target_global: int, autocast, grad_clip: float):
+    """Forward/backward every micro-batch of this rank, then clip. Returns this rank's loss sum and
+    the global grad norm, both on device (no host sync here)."""
+    scale = 1.0 / max(n_target_global, 1)  # a step with no completion token: zero loss, zero grad
+    loss_sum = None
+    for batch in batches:
+        with autocast:
+            micro_loss_sum, _ = model(**batch)
+        (micro_loss_sum * scale).backward()
+        loss_sum = micro_loss_sum.detach() if loss_sum is None else loss_sum + micro_loss_sum.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP: the norm over all shards
+        grad_norm = grad_norm.full_tensor()
+    return loss_sum, grad_norm
+
+
+def lr_lambda(cfg: Config):
+    t = cfg.train
+
+    def f(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / (t.warmup_steps + 1)
+        if t.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if t.schedule == "cosine" else 1 - progress
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * decay
+
+    return f
+
+
+def build_optimizer(model, cfg: Config, device: torch.device):
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]  # norms and biases
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2),
+                            fused=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    return opt, sched
+
+
+def autocast_context(cfg: Config, device: torch.device):
+    if cfg.train.precision == "bf16-autocast":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# model set-up: precision, activation checkpointing, compile, FSDP
+
+def use_fsdp(cfg: Config, world_size: int) -> bool:
+    if cfg.train.precision == "bf16-mixed" and cfg.train.fsdp == "off":
+        raise ConfigError("train.precision=bf16-mixed needs FSDP (train.fsdp = auto or on)")
+    return cfg.train.fsdp == "on" or (cfg.train.fsdp == "auto" and (world_size > 1 or cfg.train.precision == "bf16-mixed"))
+
+
+def resolve_loss(cfg: Config, device: torch.device) -> str:
+    if cfg.train.loss == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return cfg.train.loss
+
+
+def build_model(cfg: Config, model_dir: Path, d: Dist) -> Transformer:
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    model = Transformer.from_pretrained(model_dir, dtype=dtype, device=d.device, loss=resolve_loss(cfg, d.device))
+    apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
+    if cfg.train.compile:
+        apply_compile(model)
+    if use_fsdp(cfg, d.world_size):
+        apply_fsdp(model, d, cfg.train.precision, cfg.train.reshard_after_forward)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# metrics.jsonl
+
+class MetricsLog:
+    """One JSON object per line, rank 0 only. On resume, a torn last line and the records of steps
+    after the checkpoint are dropped before appending."""
+
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if enabled and resume_step is not None and path.exists():
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # torn write of a killed run
+                if rec.get("step", 0) <= resume_step:
+                    kept.append(line)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(l + "\n" for l in kept))
+            os.replace(tmp, path)
+        elif enabled and resume_step is None and path.exists():
+            path.unlink()
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# validation loss: every rank runs the same number of forwards (FSDP all-gathers in each)
+
+@torch.no_grad()
+def validation_loss(model, examples: list[Example], cfg: Config, d: Dist, autocast, pad_id: int) -> float:
+    if not examples:
+        return float("nan")
+    m = cfg.train.micro_batch_size
+    groups = [examples[i:i + m] for i in range(0, len(examples), m)]
+    per_rank = math.ceil(len(groups) / d.world_size)
+    mine = groups[d.rank::d.world_size]
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=d.device)
+    for i in range(per_rank):
+        group = mine[i] if i < len(mine) else groups[0]
+        (batch,) = micro_batches(group, len(group), 1, 0, 1, "pad", pad_id, cfg.data.max_seq_len)
+        batch = to_device(batch, d.device)
+        if i >= len(mine):
+            batch["labels"].fill_(IGNORE_INDEX)  # a filler forward so ranks stay in step
+        with autocast:
+            loss_sum, n = model(**batch)
+        total += torch.stack([loss_sum.double(), n.double()])
+    model.train(was_training)
+    all_reduce_sum(total)
+    loss_sum, n = total.tolist()
+    return loss_sum / max(n, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# the run
+
+def prepare_base(cfg: Config, run_dir: Path, d: Dist) -> Path:
+    """The base model directory: model.path, or a tiny model pretrained here from scratch."""
+    if cfg.model.path:
+        path = Path(cfg.model.path)
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.path={cfg.model.path!r}: no config.json there")
+        return path
+    from ftcore.pretrain import pretrain_base
+    base = run_dir / "base"
+    if d.is_main and not (base / "config.json").is_file():
+        pretrain_base(cfg, base, d.device)
+    barrier(d)  # the other ranks wait for rank 0's tokenizer and base model
+    return base
+
+
+def train(cfg: Config) -> dict:
+    d = init_distributed(cfg.train.device, need_group=cfg.train.fsdp == "on" or cfg.train.precision == "bf16-mixed")
+    torch.manual_seed(cfg.run.seed)
+    run_dir = Path(cfg.run.dir)
+    accum = accumulation_steps(cfg, d.world_size)
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(to_toml(cfg))
+    barrier(d)
+
+    base_dir = prepare_base(cfg, run_dir, d)
+    tokenizer = Tokenizer.from_dir(base_dir)
+    datasets = prepare_datasets(cfg, tokenizer)
+    if d.is_main:
+        print(format_stats(datasets.stats), flush=True)
+
+    from ftcore.evaluate import evaluate_for_run, write_report
+    results: dict = {}
+    base_results_path = run_dir / "eval_base.json"
+    if cfg.eval.base:
+        if d.is_main:
+            if base_results_path.is_file():  # a resumed run does not evaluate the base twice
+                results.update(json.loads(base_results_path.read_text()))
+            else:
+                results.update(evaluate_for_run(cfg, base_dir, tokenizer, datasets, d.device, base=True))
+                _write_json(base_results_path, results)
+        barrier(d)
+
+    model = build_model(cfg, base_dir, d)
+    optimizer, scheduler = build_optimizer(model, cfg, d.device)
+    autocast = autocast_context(cfg, d.device)
+    sampler = StepSampler(len(datasets.train), cfg.train.global_batch_size, cfg.run.seed)
+    ckpt_root = run_dir / "checkpoints"
+
+    start_step, tokens_seen = 0, 0
+    resume_from = ckpt.latest_checkpoint(ckpt_root) if cfg.train.resume == "auto" else None
+    if d.is_main:
+        ckpt.cleanup_partial(ckpt_root)
+    barrier(d)
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, model, optimizer, d)
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        start_step, tokens_seen = state["step"], state["tokens"]
+        if d.is_main:
+            print(f"resumed from {resume_from} (step {start_step})", flush=True)
+    log = MetricsLog(run_dir / "metrics.jsonl", start_step if resume_from else None, d.is_main)
+
+    bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", disable=not (d.is_main and cfg.log.progress),
+               dynamic_ncols=True)
+    model.train()
+    for step in range(start_step, cfg.train.max_steps):
+        t0 = time.perf_counter()
+        examples = [datasets.train[i] for i in sampler.indices(step)]
+        n_target = sum(n_targets(ex) for ex in examples)
+        step_tokens = sum(len(ex.input_ids) - 1 for ex in examples)
+        batches = micro_batches(examples, cfg.train.micro_batch_size, accum, d.rank, d.world_size,
+                                cfg.data.batching, tokenizer.pad_id, cfg.data.max_seq_len)
+        loss_sum, grad_norm = train_step(model, optimizer, [to_device(b, d.device) for b in batches],
+                                         n_target, autocast, cfg.train.grad_clip)
+        all_reduce_sum(loss_sum)
+        loss, gnorm = torch.stack([loss_sum.float() / max(n_target, 1), grad_norm.float()]).tolist()  # the step's one host sync
+        lr = scheduler.get_last_lr()[0]
+        if not (math.isfinite(loss) and math.isfinite(gnorm)):
+            if cfg.train.nonfinite == "stop":
+                raise NonFiniteError(f"step {step + 1}: non-finite loss ({loss}) or grad norm ({gnorm}); "
+                                     "lower train.lr or set train.nonfinite=skip")
+            optimizer.zero_grad(set_to_none=True)  # skip: no update from this step
+        else:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        sampler.load_state_dict({"step": step + 1})
+        tokens_seen += step_tokens
+        dt = time.perf_counter() - t0
+        done = step + 1
+
+        if done % cfg.log.every == 0 or done == cfg.train.max_steps:
+            rec = {"step": done, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens": tokens_seen,
+                   "completion_tokens": n_target, "tokens_per_s": step_tokens / dt,
+                   "peak_mem_bytes": peak_mem_bytes(d.device)}
+            log.write(rec)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / dt:.0f}",
+                            mem=f"{rec['peak_mem_bytes'] / 2**30:.2f}G")
+        if cfg.eval.every and done % cfg.eval.every == 0:
+            val = validation_loss(model, datasets.validation, cfg, d, autocast, tokenizer.pad_id)
+            log.write({"step": done, "val_loss": val})
+            if d.is_main:
+                bar.write(f"step {done}: val_loss {val:.4f}")
+        if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < cfg.train.max_steps:
+            ckpt.save_checkpoint(ckpt_root, done, model, optimizer,
+                                 {"step": done, "tokens": tokens_seen, "scheduler": scheduler.state_dict(),
+                                  "sampler": sampler.state_dict()}, d, cfg.checkpoint.keep)
+        bar.update(1)
+    bar.close()
+
+    final_dir = run_dir / "final"
+    if cfg.checkpoint.export_final or cfg.eval.final:
+        ckpt.export_hf(model, final_dir, d, tokenizer)
+    if cfg.eval.final and d.is_main:
+        results.update(evaluate_for_run(cfg, final_dir, tokenizer, datasets, d.device, base=False))
+    if d.is_main and results:
+        report = write_report(run_dir, results)
+        print(report, flush=True)
+    barrier(d)
+    return results
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
