@@ -93,6 +93,7 @@ class TrainConfig:
     reshard_after_forward: bool = True
     nonfinite: str = "stop"        # stop | skip
     device: str = "auto"           # auto | cpu | cuda
+    plugins: list[str] = field(default_factory=list)  # modules imported first (e.g. to register kernels)
 
 
 @dataclass

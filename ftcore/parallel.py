@@ -84,11 +84,14 @@ def apply_fsdp(model: torch.nn.Module, d: Dist, precision: str, reshard_after_fo
     # the root unit holds embed, final norm and lm_head: a tied embedding/lm_head weight must live
     # in one unit. It is needed again right after forward (loss, then backward), so keep it whole.
     fully_shard(model, mesh=d.mesh, mp_policy=mp, reshard_after_forward=False)
-    # the loss is already divided by the global token count of the step: reduce-scatter must sum
-    # the ranks' gradients, not average them again
-    for m in [*model.layers, model]:
-        m.set_gradient_divide_factor(1.0)
     return model
+
+
+def grad_scale_for_reduction(d: Dist, fsdp: bool) -> float:
+    """FSDP averages gradients over ranks; the loss is already divided by the global token count of
+    the step, so each rank multiplies its loss by the world size to turn that average back into a
+    sum. (A divide factor of 1 would say the same, but it needs PREMUL_SUM, which gloo lacks.)"""
+    return float(d.world_size) if fsdp else 1.0
 
 
 # ------------------------------------------------------------------------------------------------

@@ -31,11 +31,11 @@ def token_stream(texts: list[str], tok: Tokenizer) -> torch.Tensor:
 
 
 def pretrain_base(cfg: Config, out_dir: Path, device: torch.device) -> Path:
-    from ftcore.data import source_records, split_records
+    from ftcore.data import load_data_records, split_records
     from ftcore.reviews import pretraining_texts
 
     p = cfg.pretrain
-    train_records, _, _ = split_records(source_records(cfg.data), cfg.data.split, cfg.run.seed)
+    train_records, _, _ = split_records(load_data_records(cfg.data), cfg.data.split, cfg.run.seed)
     texts = pretraining_texts(train_records)  # test reviews never reach the base model
     tok = Tokenizer.train_bpe(texts, p.vocab_size)
     stream = token_stream(texts, tok)

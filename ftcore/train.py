@@ -23,7 +23,7 @@ from ftcore.data import Example, StepSampler, format_stats, micro_batches, prepa
 from ftcore.memory import peak_mem_bytes
 from ftcore.model import IGNORE_INDEX, Transformer
 from ftcore.parallel import (Dist, all_reduce_sum, apply_activation_checkpointing, apply_compile, apply_fsdp,
-                             barrier, init_distributed)
+                             barrier, grad_scale_for_reduction, init_distributed)
 from ftcore.tokenizer import Tokenizer
 
 
@@ -39,10 +39,12 @@ def n_targets(ex: Example) -> int:
     return sum(1 for t in ex.labels[1:] if t != IGNORE_INDEX)
 
 
-def train_step(model, optimizer, batches: list[dict], n_target_global: int, autocast, grad_clip: float):
+def train_step(model, optimizer, batches: list[dict], n_target_global: int, autocast, grad_clip: float,
+               reduce_scale: float = 1.0):
     """Forward/backward every micro-batch of this rank, then clip. Returns this rank's loss sum and
-    the global grad norm, both on device (no host sync here)."""
-    scale = 1.0 / max(n_target_global, 1)  # a step with no completion token: zero loss, zero grad
+    the global grad norm, both on device (no host sync here). reduce_scale undoes the averaging of
+    gradients over ranks that FSDP does (see parallel.grad_scale_for_reduction)."""
+    scale = reduce_scale / max(n_target_global, 1)  # a step with no completion token: zero loss, zero grad
     loss_sum = None
     for batch in batches:
         with autocast:
@@ -106,7 +108,19 @@ def resolve_loss(cfg: Config, device: torch.device) -> str:
     return cfg.train.loss
 
 
+def import_plugins(cfg: Config) -> None:
+    """User modules named in train.plugins, imported before the model is built, so that the kernels
+    they register can be chosen by name (train.loss = "mine")."""
+    import importlib
+    for name in cfg.train.plugins:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(f"train.plugins: cannot import {name!r} ({e})") from None
+
+
 def build_model(cfg: Config, model_dir: Path, d: Dist) -> Transformer:
+    import_plugins(cfg)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     model = Transformer.from_pretrained(model_dir, dtype=dtype, device=d.device, loss=resolve_loss(cfg, d.device))
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
@@ -223,6 +237,7 @@ def train(cfg: Config) -> dict:
         barrier(d)
 
     model = build_model(cfg, base_dir, d)
+    reduce_scale = grad_scale_for_reduction(d, use_fsdp(cfg, d.world_size))
     optimizer, scheduler = build_optimizer(model, cfg, d.device)
     autocast = autocast_context(cfg, d.device)
     sampler = StepSampler(len(datasets.train), cfg.train.global_batch_size, cfg.run.seed)
@@ -253,7 +268,7 @@ def train(cfg: Config) -> dict:
         batches = micro_batches(examples, cfg.train.micro_batch_size, accum, d.rank, d.world_size,
                                 cfg.data.batching, tokenizer.pad_id, cfg.data.max_seq_len)
         loss_sum, grad_norm = train_step(model, optimizer, [to_device(b, d.device) for b in batches],
-                                         n_target, autocast, cfg.train.grad_clip)
+                                         n_target, autocast, cfg.train.grad_clip, reduce_scale)
         all_reduce_sum(loss_sum)
         loss, gnorm = torch.stack([loss_sum.float() / max(n_target, 1), grad_norm.float()]).tolist()  # the step's one host sync
         lr = scheduler.get_last_lr()[0]

@@ -188,6 +188,11 @@ def save_pretrained(model: Transformer, path, tokenizer=None, state_dict: dict |
         _atomic_write_text(path / "model.safetensors.index.json", json.dumps(index, indent=2))
     elif (path / "model.safetensors.index.json").exists():
         (path / "model.safetensors.index.json").unlink()
+    # weights of an earlier save into this directory are stale: transformers prefers a
+    # model.safetensors over an index, so a leftover single file would shadow new shards
+    for old in path.glob("model*.safetensors"):
+        if old.name not in names and re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", old.name):
+            old.unlink()
 
     hf = cfg.to_hf(out_dtype)
     if tokenizer is not None:

@@ -1,0 +1,92 @@
+"""Small shared test utilities: tiny ftcore models, tiny Hugging Face reference checkpoints, the
+norm-relative error. `transformers` is imported lazily (it is a slow, test-only reference)."""
+from __future__ import annotations
+
+import torch
+
+from ftcore.model import ModelConfig, Transformer
+
+
+def needs_transformers():
+    """The transformers module, or skip the calling test: it is the test-only reference (test
+    extra), so tests that do not compare against it must run without it."""
+    import pytest
+
+    return pytest.importorskip("transformers")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ in float64 (b is the reference)."""
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
+    """Give every parameter random values, so that norms and biases matter too: 1-D norm weights
+    ~ 1 + N(0, std), everything else ~ N(0, std). Tied parameters are visited once."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            r = torch.randn(p.shape, generator=g, dtype=torch.float32) * std
+            if p.ndim == 1 and "norm" in name:
+                r += 1.0
+            p.copy_(r.to(p.dtype))
+    return module
+
+
+def tiny_config(**kw) -> ModelConfig:
+    """A tiny ftcore config (hidden 64, 2 layers, GQA 4/2 heads); keywords override."""
+    base = dict(model_type="llama", vocab_size=131, hidden_size=64, intermediate_size=128, num_layers=2,
+                num_heads=4, num_kv_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def tiny_model(seed: int = 0, std: float = 0.1, **kw) -> Transformer:
+    """A tiny ftcore model with every parameter random (see randomize_), in eval mode."""
+    model = Transformer(tiny_config(**kw))
+    model.reset_buffers()
+    return randomize_(model, seed=seed, std=std).eval()
+
+
+def hf_tiny_config(model_type: str = "llama", **kw):
+    """A tiny transformers config of `model_type` (same shape as tiny_config); keywords override."""
+    from transformers import AutoConfig
+
+    base = dict(vocab_size=131, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                rms_norm_eps=1e-6)
+    base.update(kw)
+    return AutoConfig.for_model(model_type, **base)
+
+
+def make_hf_model(model_type: str = "llama", seed: int = 0, std: float = 0.1,
+                  attn_implementation: str = "eager", **kw):
+    """A randomly initialised transformers causal LM (fp32, eval mode)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = hf_tiny_config(model_type, **kw)
+    cfg._attn_implementation = attn_implementation
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    return randomize_(model, seed=seed, std=std).eval()
+
+
+def make_hf_checkpoint(path, model_type: str = "llama", seed: int = 0, max_shard_size=None, **kw):
+    """Save a random tiny transformers model to `path` (safetensors; sharded with an index when
+    max_shard_size, e.g. "20KB", is given) and return the model."""
+    model = make_hf_model(model_type, seed=seed, **kw)
+    extra = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(str(path), **extra)
+    return model
+
+
+def hf_grads_by_our_name(hf_model) -> dict[str, torch.Tensor]:
+    """{ftcore parameter name: grad} of a transformers model, through ftcore's name mapping."""
+    from ftcore.weights import hf_to_ours
+
+    out = {}
+    for name, p in hf_model.named_parameters():
+        ours = hf_to_ours(name)
+        assert ours is not None, f"no ftcore name for {name}"
+        out[ours] = p.grad
+    return out
