@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -20,6 +21,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from ftcore.parallel import Dist, barrier
 
 _STEP_DIR = re.compile(r"step_(\d{8})")
+# crash tests widen the window in which a checkpoint is half-written, to kill a run inside it
+_TEST_SAVE_DELAY_S = float(os.environ.get("FTCORE_TEST_SAVE_DELAY_S", "0"))
 
 
 def _rng_state() -> dict:
@@ -56,6 +59,8 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, trainer_state:
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     torch.save(_rng_state(), tmp / f"rng_rank{d.rank}.pt")
+    if _TEST_SAVE_DELAY_S:
+        time.sleep(_TEST_SAVE_DELAY_S)
     barrier(d)
     if d.is_main:
         torch.save(trainer_state, tmp / "trainer_state.pt")

@@ -94,6 +94,12 @@ class TrainConfig:
     nonfinite: str = "stop"        # stop | skip
     device: str = "auto"           # auto | cpu | cuda
     plugins: list[str] = field(default_factory=list)  # modules imported first (e.g. to register kernels)
+    # memory strategies (ftcore/optim.py, ftcore/offload.py), each off by default
+    activation_offload: bool = False     # saved activations wait in pinned CPU memory (CUDA)
+    optimizer_in_backward: bool = False  # each parameter's step runs in backward, its gradient freed at once
+    cpu_offload: bool = False            # FSDP2 CPUOffloadPolicy: params, grads, optimizer states on the CPU
+    optimizer_state_dtype: str = "float32"  # float32 | bfloat16 (AdamW's exp_avg and exp_avg_sq)
+    stochastic_rounding: bool = False    # bf16 weights/states written back stochastically rounded
 
 
 @dataclass
@@ -142,6 +148,7 @@ CHOICES = {
     "train.fsdp": ("auto", "on", "off"),
     "train.nonfinite": ("stop", "skip"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.optimizer_state_dtype": ("float32", "bfloat16"),
     "data.format": ("", "jsonl", "json", "csv"),
     "data.overlong": ("truncate", "drop"),
     "data.missing_field": ("skip", "error"),
@@ -249,6 +256,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.max_completion_tokens={d.max_completion_tokens} must be < data.max_seq_len={d.max_seq_len}")
     if t.max_steps < 0:
         raise ConfigError("train.max_steps must be >= 0")
+    if t.optimizer_in_backward and t.grad_clip > 0:
+        raise ConfigError("train.optimizer_in_backward steps each parameter as soon as its gradient is ready, "
+                          "so there is no global-norm clipping: set train.grad_clip=0")
+    if t.optimizer_in_backward and t.nonfinite == "skip":
+        raise ConfigError("train.optimizer_in_backward updates the weights during backward, so a non-finite "
+                          "step cannot be skipped: set train.nonfinite=stop")
+    if t.cpu_offload and t.fsdp == "off":
+        raise ConfigError("train.cpu_offload is FSDP2's CPU offload: it needs train.fsdp=auto or on")
+    if t.stochastic_rounding and t.precision != "bf16" and t.optimizer_state_dtype != "bfloat16":
+        raise ConfigError("train.stochastic_rounding rounds bf16 weights or optimizer states: it needs "
+                          "train.precision=bf16 or train.optimizer_state_dtype=bfloat16")
 
 
 def accumulation_steps(cfg: Config, world_size: int) -> int:

@@ -427,7 +427,7 @@ def _loss_model(s: Shape, d: Dtypes, loss: str, n_labelled: int, fsdp: bool, mem
         d_hidden = c * n * H
         acc = 0 if single else 4 * V * H  # fp32 d_weight accumulator over chunks
         logits = c * rows * V
-        step = logits + (4 * rows * V if loss == "chunked" else 0)  # the torch step's fp32 copy
+        step = logits + (4 * rows * V + 16 * rows if loss == "chunked" else 0)  # the torch step's fp32 copy
         mm = logits + c * rows * H + (c * V * H if single else 0)  # d_hidden rows, d_weight
         index = n + 8 * nl + 8 * rows + c * rows * H  # mask, row ids, chunk labels, chunk rows
         fwd = h_out + cast_h + cast_w + d_hidden + acc + index + max(step, mm)
@@ -487,6 +487,9 @@ def estimate_peak_bytes(model_cfg, *, micro_batch_size: int, seq_len: int, preci
     A_shared = 2 * d.residual * s.B * s.T * s.hd
     rope_temps = 4 * s.B * s.T * s.hd // 2 + 4 * s.B * s.T * s.hd + 8 * s.T
     A_all = L * A_layer + A_final + A_shared
+    # the last block's output is a local of forward while the loss runs; in fp32 it is the final
+    # norm's saved input anyway, in bf16 the norm saves an fp32 copy instead
+    x_last = d.residual * n * H if d.residual != 4 else 0
 
     # bf16 weight copies made by autocast: cached for the whole forward, kept by autograd until the
     # block's backward unless the block is checkpointed (then recast in recompute)
@@ -512,9 +515,10 @@ def estimate_peak_bytes(model_cfg, *, micro_batch_size: int, seq_len: int, preci
         fs_bwd = Ur + root_grad + 2 * Ub + Ub + s.block_params * 4  # + block grads + RS buffer
         fs_emb = Ur + root_grad + V * H * d.unsharded              # + the dense embedding grad
         fs_root_rs = root_grad + s.root_params * 4                 # root resharded, RS buffer
+        fs_root_grad = root_grad
         g_lm_early = 0
     else:
-        fs_fwd = fs_loss = fs_bwd = fs_emb = fs_root_rs = 0
+        fs_fwd = fs_loss = fs_bwd = fs_emb = fs_root_rs = fs_root_grad = 0
         g_lm_early = g_embed + H * d.master  # lm_head (tied: embedding) grad from the loss backward
 
     def phase(**parts) -> dict[str, int]:
@@ -529,10 +533,15 @@ def estimate_peak_bytes(model_cfg, *, micro_batch_size: int, seq_len: int, preci
         "forward, last block": phase(params=P, optimizer=O, grads=G_acc, inputs=inputs,
                                      activations=L * A_layer + A_shared + rope_temps + _block_forward_extra(s, d, ac),
                                      weight_copies=wc_fwd, fsdp=fs_fwd),
-        "forward, loss": phase(params=P, optimizer=O, grads=G_acc, inputs=inputs, activations=A_all + rope_temps,
+        "forward, loss": phase(params=P, optimizer=O, grads=G_acc, inputs=inputs,
+                               activations=A_all + rope_temps + x_last,
                                weight_copies=wc_fwd, loss=lm["forward"], fsdp=fs_loss),
         "loss backward": phase(params=P, optimizer=O, grads=G_acc, inputs=inputs, activations=A_all,
                                weight_copies=wc_saved, loss=lm["backward"], fsdp=fs_loss),
+        # RMSNorm's backward (pow, mean, rsqrt, mul) makes a few fp32 (n, H) temporaries
+        "final norm backward": phase(params=P, optimizer=O, grads=max(G_acc, g_lm_early), inputs=inputs,
+                                     activations=A_all, weight_copies=wc_saved,
+                                     transient=20 * n * H - d.residual * n * H, fsdp=fs_loss + fs_root_grad),
         "backward, last block": phase(params=P, optimizer=O, grads=max(G_acc, g_lm_early + g_down),
                                       inputs=inputs, activations=A_all - A_final + recompute,
                                       weight_copies=wc_saved - (wc_down if ac == "none" else 0),

@@ -35,13 +35,14 @@ def pick_device(pref: str) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device_pref: str = "auto", need_group: bool = False) -> Dist:
+def init_distributed(device_pref: str = "auto", need_group: bool = False, cpu_collectives: bool = False) -> Dist:
     """From torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR...). Without torchrun
-    a single process; with need_group it still gets a 1-rank group (FSDP needs one)."""
+    a single process; with need_group it still gets a 1-rank group (FSDP needs one). cpu_collectives:
+    CPU tensors are reduced too (FSDP CPU offload keeps gradients there), so gloo serves them beside nccl."""
     device = pick_device(device_pref)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = "gloo" if device.type != "cuda" else "cuda:nccl,cpu:gloo" if cpu_collectives else "nccl"
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         if not dist.is_initialized():
             dist.init_process_group(backend, timeout=timedelta(minutes=30))
@@ -72,18 +73,23 @@ def shutdown() -> None:
 # ------------------------------------------------------------------------------------------------
 # FSDP2
 
-def apply_fsdp(model: torch.nn.Module, d: Dist, precision: str, reshard_after_forward: bool = True):
+def apply_fsdp(model: torch.nn.Module, d: Dist, precision: str, reshard_after_forward: bool = True,
+               cpu_offload: bool = False):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     d.mesh = init_device_mesh(d.device.type, (d.world_size,))
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if precision == "bf16-mixed" else MixedPrecisionPolicy())
+    # cpu_offload: sharded params (so the optimizer step and its states) and gradients live in pinned
+    # CPU memory; each unit's shard is copied to the GPU for its all-gather
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     for block in model.layers:
-        fully_shard(block, mesh=d.mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mesh=d.mesh, mp_policy=mp, offload_policy=offload,
+                    reshard_after_forward=reshard_after_forward)
     # the root unit holds embed, final norm and lm_head: a tied embedding/lm_head weight must live
     # in one unit. It is needed again right after forward (loss, then backward), so keep it whole.
-    fully_shard(model, mesh=d.mesh, mp_policy=mp, reshard_after_forward=False)
+    fully_shard(model, mesh=d.mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=False)
     return model
 
 

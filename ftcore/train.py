@@ -22,6 +22,8 @@ from ftcore.config import Config, ConfigError, accumulation_steps, to_toml
 from ftcore.data import Example, StepSampler, format_stats, micro_batches, prepare_datasets
 from ftcore.memory import peak_mem_bytes
 from ftcore.model import IGNORE_INDEX, Transformer
+from ftcore.offload import ActivationOffload
+from ftcore.optim import OptimizerInBackward, build_optimizer, validate_switches
 from ftcore.parallel import (Dist, all_reduce_sum, apply_activation_checkpointing, apply_compile, apply_fsdp,
                              barrier, grad_scale_for_reduction, init_distributed)
 from ftcore.tokenizer import Tokenizer
@@ -40,47 +42,24 @@ def n_targets(ex: Example) -> int:
 
 
 def train_step(model, optimizer, batches: list[dict], n_target_global: int, autocast, grad_clip: float,
-               reduce_scale: float = 1.0):
+               reduce_scale: float = 1.0, offload=contextlib.nullcontext()):
     """Forward/backward every micro-batch of this rank, then clip. Returns this rank's loss sum and
     the global grad norm, both on device (no host sync here). reduce_scale undoes the averaging of
-    gradients over ranks that FSDP does (see parallel.grad_scale_for_reduction)."""
+    gradients over ranks that FSDP does (see parallel.grad_scale_for_reduction). offload: the
+    activation offloading hooks (ftcore.offload), entered around each forward."""
     scale = reduce_scale / max(n_target_global, 1)  # a step with no completion token: zero loss, zero grad
     loss_sum = None
     for batch in batches:
-        with autocast:
+        with autocast, offload:
             micro_loss_sum, _ = model(**batch)
         (micro_loss_sum * scale).backward()
         loss_sum = micro_loss_sum.detach() if loss_sum is None else loss_sum + micro_loss_sum.detach()
+    if isinstance(optimizer, OptimizerInBackward):  # stepped in backward, gradients gone: no clipping
+        return loss_sum, optimizer.pop_grad_norm().to(loss_sum.device)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP: the norm over all shards
         grad_norm = grad_norm.full_tensor()
-    return loss_sum, grad_norm
-
-
-def lr_lambda(cfg: Config):
-    t = cfg.train
-
-    def f(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / (t.warmup_steps + 1)
-        if t.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
-        decay = 0.5 * (1 + math.cos(math.pi * progress)) if t.schedule == "cosine" else 1 - progress
-        return t.min_lr_ratio + (1 - t.min_lr_ratio) * decay
-
-    return f
-
-
-def build_optimizer(model, cfg: Config, device: torch.device):
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]  # norms and biases
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2),
-                            fused=device.type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    return opt, sched
+    return loss_sum, grad_norm.to(loss_sum.device)  # on the CPU with train.cpu_offload
 
 
 def autocast_context(cfg: Config, device: torch.device):
@@ -99,7 +78,8 @@ def to_device(batch: dict, device: torch.device) -> dict:
 def use_fsdp(cfg: Config, world_size: int) -> bool:
     if cfg.train.precision == "bf16-mixed" and cfg.train.fsdp == "off":
         raise ConfigError("train.precision=bf16-mixed needs FSDP (train.fsdp = auto or on)")
-    return cfg.train.fsdp == "on" or (cfg.train.fsdp == "auto" and (world_size > 1 or cfg.train.precision == "bf16-mixed"))
+    return cfg.train.fsdp == "on" or (cfg.train.fsdp == "auto" and (
+        world_size > 1 or cfg.train.precision == "bf16-mixed" or cfg.train.cpu_offload))
 
 
 def resolve_loss(cfg: Config, device: torch.device) -> str:
@@ -127,7 +107,7 @@ def build_model(cfg: Config, model_dir: Path, d: Dist) -> Transformer:
     if cfg.train.compile:
         apply_compile(model)
     if use_fsdp(cfg, d.world_size):
-        apply_fsdp(model, d, cfg.train.precision, cfg.train.reshard_after_forward)
+        apply_fsdp(model, d, cfg.train.precision, cfg.train.reshard_after_forward, cfg.train.cpu_offload)
     return model
 
 
@@ -209,10 +189,11 @@ def prepare_base(cfg: Config, run_dir: Path, d: Dist) -> Path:
 
 
 def train(cfg: Config) -> dict:
-    d = init_distributed(cfg.train.device, need_group=cfg.train.fsdp == "on" or cfg.train.precision == "bf16-mixed")
+    d = init_distributed(cfg.train.device, need_group=use_fsdp(cfg, 1), cpu_collectives=cfg.train.cpu_offload)
     torch.manual_seed(cfg.run.seed)
     run_dir = Path(cfg.run.dir)
     accum = accumulation_steps(cfg, d.world_size)
+    validate_switches(cfg, d.device, accum)
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(to_toml(cfg))
@@ -240,6 +221,7 @@ def train(cfg: Config) -> dict:
     reduce_scale = grad_scale_for_reduction(d, use_fsdp(cfg, d.world_size))
     optimizer, scheduler = build_optimizer(model, cfg, d.device)
     autocast = autocast_context(cfg, d.device)
+    offload = ActivationOffload(d.device) if cfg.train.activation_offload else contextlib.nullcontext()
     sampler = StepSampler(len(datasets.train), cfg.train.global_batch_size, cfg.run.seed)
     ckpt_root = run_dir / "checkpoints"
 
@@ -268,7 +250,7 @@ def train(cfg: Config) -> dict:
         batches = micro_batches(examples, cfg.train.micro_batch_size, accum, d.rank, d.world_size,
                                 cfg.data.batching, tokenizer.pad_id, cfg.data.max_seq_len)
         loss_sum, grad_norm = train_step(model, optimizer, [to_device(b, d.device) for b in batches],
-                                         n_target, autocast, cfg.train.grad_clip, reduce_scale)
+                                         n_target, autocast, cfg.train.grad_clip, reduce_scale, offload)
         all_reduce_sum(loss_sum)
         loss, gnorm = torch.stack([loss_sum.float() / max(n_target, 1), grad_norm.float()]).tolist()  # the step's one host sync
         lr = scheduler.get_last_lr()[0]

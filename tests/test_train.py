@@ -218,7 +218,7 @@ def test_sigkill_and_resume_gives_identical_losses(tiny_setup, tmp_path):
     run = tmp_path / "killed"
     ckpts = run / "checkpoints"
     args = [sys.executable, "-m", "ftcore.cli", "train", "configs/tiny_cpu.toml", *_overrides(tiny_setup, run, **common)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", FTCORE_TEST_SAVE_DELAY_S="0.3")
 
     def n_metrics():
         p = run / "metrics.jsonl"
