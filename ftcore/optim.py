@@ -9,12 +9,16 @@ build_optimizer(model, cfg, device) picks, from [train]:
     optimizer_in_backward                          OptimizerInBackward: one of the above per parameter,
                                                    stepped by the parameter's post-accumulate-grad hook
 
+optimizer_state_dtype says what the states are, whatever the weights: precision=bf16 with float32
+states keeps fp32 states for bf16 weights (torch's AdamW would keep them in the weights' bf16).
+
 Bytes per parameter that the optimizer holds (states) and makes the step hold (gradients):
 
     exp_avg + exp_avg_sq    8 (float32 states)  or 4 (bfloat16 states)
     gradients               all of them at the end of backward (2 or 4 B/param) in the plain path;
-                            with optimizer_in_backward only those whose step has not run yet, which
-                            is about one FSDP unit's (or one parameter's, without FSDP)
+                            with optimizer_in_backward only those whose step has not run yet: about
+                            one FSDP unit's shards, or without FSDP one or two parameters' (plus a
+                            tied embedding's, alive from the loss to the embedding's backward)
 """
 from __future__ import annotations
 
@@ -29,10 +33,10 @@ from ftcore.config import Config, ConfigError
 from ftcore.parallel import all_reduce_sum
 
 # Elements per fp32 working buffer in ftcore.optim.AdamW. A step works on slices of at most this
-# many elements at a time, so its temporaries (fp32 copies of weight, grad, states, the denominator
-# and the rounding noise: ~6 x 128 MiB) stay small next to the weights, whatever the tensor sizes
-# (an 8B model's embedding alone is 525M elements).
-CHUNK = 1 << 25
+# many elements at a time, so its temporaries (fp32 copies of weight, grad and states, the
+# denominator, the rounding noise: at most 6 x 64 MiB) stay small next to the weights, whatever the
+# tensor sizes (an 8B model's embedding alone is 525M elements).
+CHUNK = 1 << 24
 
 
 def lr_lambda(cfg: Config):
@@ -79,9 +83,9 @@ def validate_switches(cfg: Config, device: torch.device, accum: int) -> None:
         raise ConfigError(f"train.cpu_offload needs CUDA (the device is {device.type})")
     if t.optimizer_in_backward and accum != 1:
         raise ConfigError(
-            f"train.optimizer_in_backward needs one micro-batch per step, but global_batch_size="
-            f"{t.global_batch_size} / (micro_batch_size={t.micro_batch_size} x processes) = {accum} "
-            f"accumulation steps: set train.micro_batch_size={t.global_batch_size // accum}")
+            f"train.optimizer_in_backward needs one micro-batch per step (no gradient accumulation), but "
+            f"train.global_batch_size={t.global_batch_size} is {accum} micro-batches of {t.micro_batch_size} "
+            f"per process: set train.micro_batch_size={t.micro_batch_size * accum}")
 
 
 # ------------------------------------------------------------------------------------------------
