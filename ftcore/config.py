@@ -88,6 +88,7 @@ class TrainConfig:
     precision: str = "fp32"        # fp32 | bf16-autocast | bf16-mixed | bf16
     activation_checkpointing: str = "none"  # none | full | selective
     loss: str = "auto"             # auto (triton on CUDA, torch on CPU) | torch | triton | compile | chunked
+    kernels: dict[str, str] = field(default_factory=dict)  # layer kernels, e.g. {rmsnorm = "triton"}; missing = torch
     compile: bool = False          # torch.compile each transformer block
     fsdp: str = "auto"             # auto (on when world > 1) | on | off
     reshard_after_forward: bool = True
@@ -264,9 +265,24 @@ def validate(cfg: Config) -> None:
                           "step cannot be skipped: set train.nonfinite=stop")
     if t.cpu_offload and t.fsdp == "off":
         raise ConfigError("train.cpu_offload is FSDP2's CPU offload: it needs train.fsdp=auto or on")
+    # kernel names registered by train.plugins exist only once the plugins are imported (in
+    # build_model, which checks again)
+    check_kernels(t.kernels, plugins_loaded=not t.plugins)
     if t.stochastic_rounding and t.precision != "bf16" and t.optimizer_state_dtype != "bfloat16":
         raise ConfigError("train.stochastic_rounding rounds bf16 weights or optimizer states: it needs "
                           "train.precision=bf16 or train.optimizer_state_dtype=bfloat16")
+
+
+def check_kernels(kernels: dict[str, str], plugins_loaded: bool = True) -> None:
+    """train.kernels: every kind a layer kind, every name registered for it (a name not yet
+    registered passes while plugins are still to be imported)."""
+    from ftcore.kernels import LAYER_KINDS, available_kernels  # no triton import
+    for kind, name in kernels.items():
+        if kind not in LAYER_KINDS:
+            raise ConfigError(f"train.kernels: unknown kind {kind!r}; kinds: {', '.join(LAYER_KINDS)}")
+        names = available_kernels(kind)
+        if name not in names and plugins_loaded:
+            raise ConfigError(f"train.kernels.{kind}: unknown kernel {name!r}; registered: {', '.join(names)}")
 
 
 def accumulation_steps(cfg: Config, world_size: int) -> int:

@@ -2,9 +2,9 @@
 
 Measuring
     peak_mem_bytes / reset_peak   the training device's peak (CUDA allocator; CPU: peak RSS)
-    LiveTensorBytes               exact bytes of live tensor storages on any device, peak included,
-                                  counted op by op (a dispatch mode): what torch.cuda.max_memory_allocated
-                                  reports on a GPU, measurable on a CPU too. Tests and CPU bench rows use it.
+    AllocationTrace               bytes allocated on the CPU and their peak, from the profiler's
+                                  memory events: on a CPU, what torch.cuda.max_memory_allocated
+                                  reports on a GPU. Tests and CPU bench rows use it.
     saved_tensor_bytes            bytes that autograd saves for backward during a forward
     record_memory_history / dump_memory_snapshot   a CUDA snapshot for https://pytorch.org/memory_viz
 
@@ -13,14 +13,13 @@ Predicting
     estimate_report(cfg, world_size)     the same for a run config (`ftcore bench --estimate CONFIG`)
 
 The estimator is arithmetic on the model shape, no tensors and no GPU. It follows what ftcore's
-model actually allocates, op by op (see _block_saved), and is tested against LiveTensorBytes on tiny
-CPU runs (tests/test_memory.py); bench/bench_step.py prints it beside the measured CUDA peak.
+model actually allocates, op by op (see _block_saved), and is tested against measured peaks of tiny
+CPU runs (tests/test_memory.py, AllocationTrace); bench/bench_step.py prints it beside the measured CUDA peak.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -56,86 +55,89 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-class LiveTensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
-    """Bytes held by live tensor storages, and their peak, counted exactly on any device.
+class AllocationTrace:
+    """Bytes allocated on the CPU while a block runs, and their peak, from the profiler's memory
+    events: the CPU allocator reports every allocation and free (size and pointer) to it.
 
-        with LiveTensorBytes() as mem:
-            mem.track(model.parameters())      # tensors that existed before: count them too
-            step()
-            mem.mark("forward")                # optional: peak per segment between marks
-        mem.peak, mem.live, mem.segments
+        with AllocationTrace() as mem:
+            forward(); mem.mark("forward")
+            backward(); mem.mark("backward")
+        mem.peak                  # peak of (allocated - freed) since the start, bytes
+        mem.segments              # {"forward": peak within it, "backward": ...}
+        mem.live_at               # {"forward": bytes still allocated at that mark, ...}
 
-    Every aten op's outputs are looked at as the op returns; a storage is counted once (views share
-    it) and uncounted when it is freed (a weakref on the storage). The autograd engine runs backward
-    ops under the same mode, so gradients and backward temporaries are counted too. This is the
-    quantity the CUDA caching allocator reports as "allocated" (which rounds each block up to 512
-    bytes), without the allocator: so a CPU run measures what a GPU run of the same ops would hold.
-    Kernels that allocate privately (cuBLAS workspaces, NCCL buffers) are invisible to it."""
+    Only allocations made inside the block count (frees of older blocks are matched by pointer and
+    ignored), so add the bytes of what existed before (parameters, optimizer states, the batch).
+    This is what torch.cuda.max_memory_allocated measures on a GPU (there rounded up to 512-byte
+    blocks), without perturbing the run: a Python dispatch mode would see the same tensors but
+    makes autograd accumulate gradients out of place (it holds references), the profiler does not.
+    Kernels' own scratch differs between devices: on a CPU, bf16 matmuls (oneDNN) and mixed-dtype
+    elementwise ops allocate temporaries that CUDA kernels do not; cuBLAS has its workspaces."""
 
     def __init__(self):
-        super().__init__()
-        self._sizes: dict[int, list] = {}  # id(storage) -> [weakref, nbytes]
-        self.live = 0
         self.peak = 0
-        self.segments: list[tuple[str, int]] = []  # (mark, peak since the previous mark)
-        self._segment_peak = 0
+        self.segments: dict[str, int] = {}
+        self.live_at: dict[str, int] = {}  # bytes still allocated at each mark
+        self._marks = 0
 
-    def _count(self, t) -> None:
-        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
-            return
-        if hasattr(t, "_local_tensor"):  # a DTensor: its local shard holds the memory
-            t = t._local_tensor
-        try:
-            st = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage
-            return
-        n = st.nbytes()
-        key = id(st)
-        entry = self._sizes.get(key)
-        if entry is not None and entry[0]() is st:
-            if entry[1] != n:  # resized in place (out= ops, FSDP's resize_ of unsharded params)
-                self.live += n - entry[1]
-                entry[1] = n
-        else:
-            def freed(_ref, key=key, sizes=self._sizes):
-                e = sizes.pop(key, None)
-                if e is not None:
-                    self.live -= e[1]
-            self._sizes[key] = [weakref.ref(st, freed), n]
-            self.live += n
-        if self.live > self.peak:
-            self.peak = self.live
-        if self.live > self._segment_peak:
-            self._segment_peak = self.live
-
-    def track(self, tensors) -> None:
-        """Count tensors created before the mode was entered (parameters, optimizer states)."""
-        if isinstance(tensors, torch.Tensor):
-            tensors = [tensors]
-        for t in tensors:
-            self._count(t)
-            if isinstance(t, torch.Tensor) and t.grad is not None:
-                self._count(t.grad)
+    def __enter__(self):
+        from torch.profiler import ProfilerActivity, profile
+        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._prof.__enter__()
+        return self
 
     def mark(self, name: str) -> None:
-        self.segments.append((name, self._segment_peak))
-        self._segment_peak = self.live
+        """End a segment here: `segments[name]` is the peak since the previous mark."""
+        with torch.profiler.record_function(f"ftcore.mark:{self._marks}:{name}"):
+            pass
+        self._marks += 1
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            self._count(t)
-        # in-place and out= ops may grow an existing storage
-        if func._schema.is_mutable:
-            for t in torch.utils._pytree.tree_leaves((args, kwargs)):
-                if isinstance(t, torch.Tensor):
-                    self._count(t)
-        return out
+    def __exit__(self, *exc):
+        self._prof.__exit__(*exc)
+        from torch._C._profiler import _EventType
+
+        def walk(events):
+            for e in events:
+                yield e
+                yield from walk(e.children)
+
+        events = sorted(walk(self._prof.profiler.kineto_results.experimental_event_tree()),
+                        key=lambda e: e.start_time_ns)
+        sizes: dict[int, int] = {}  # pointer -> bytes, for blocks allocated inside the block
+        live = seg_peak = 0
+        for e in events:
+            if e.tag == _EventType.Allocation:
+                f = e.extra_fields
+                if f.device.type != "cpu":
+                    continue
+                if f.alloc_size > 0:
+                    sizes[f.ptr] = f.alloc_size
+                    live += f.alloc_size
+                    self.peak = max(self.peak, live)
+                    seg_peak = max(seg_peak, live)
+                else:  # a free: count it only if the block was allocated in here
+                    live -= sizes.pop(f.ptr, 0)
+            elif e.name.startswith("ftcore.mark:"):
+                key = e.name.split(":", 2)[2]
+                self.segments[key], self.live_at[key] = seg_peak, live
+                seg_peak = live
+        return False
 
 
-def track_optimizer(mem: LiveTensorBytes, optimizer: torch.optim.Optimizer) -> None:
-    for state in optimizer.state.values():
-        mem.track([v for v in state.values() if isinstance(v, torch.Tensor)])
+def tensor_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (views and tied weights counted once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if hasattr(t, "to_local"):  # a DTensor (FSDP): this rank's shard
+            t = t.to_local()
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
 
 
 @contextlib.contextmanager
@@ -177,20 +179,27 @@ def dump_memory_snapshot(path) -> None:
 # ================================================================================================
 # predicting
 #
-# The peak of a training step is the largest of a few moments, each a sum of what is alive then:
+# The peak of a training step is the largest of a few moments, each a sum of what is alive then
+# (params, optimizer states and the batch are alive at all of them):
 #
-#   forward           params, optimizer states, every layer's saved activations, the loss forward
-#   loss backward     the same, with the loss's backward workspace (torch: 3 fp32 (N, V) tensors)
-#   backward, last    the first block to run backward: activations still all there (plus one
-#                     block recomputed under checkpointing), the lm_head gradient, the block's
-#                     backward temporaries
-#   backward, first   the last block to run backward: nearly every gradient exists
-#   embedding         every gradient, plus a dense (V, H) embedding gradient when it is added to
-#                     an existing one (tied lm_head, or gradient accumulation)
-#   optimizer         params + grads + AdamW states (+ temporaries of a non-fused AdamW)
+#   forward, last block    every block's saved activations; inside a checkpointed block, its own
+#                          intermediates; autocast's bf16 weight copies (cached for the forward)
+#   forward, loss          the same, plus the loss's forward (torch: a bf16 and two fp32 (n, V))
+#   loss backward          the loss's backward workspace (torch: three fp32 (n, V) tensors)
+#   final norm backward    the lm_head gradient and RMSNorm's fp32 backward temporaries
+#   backward, last block   the first block to run backward: activations all there (plus one block
+#                          recomputed under checkpointing), its SwiGLU backward temporaries
+#   backward, first block  the last block to run backward: nearly every gradient exists
+#   embedding backward     every gradient, plus the embedding's dense (V, H) gradient that is added
+#                          in place to a tied lm_head's (or an accumulated) gradient
+#   root reduce-scatter    FSDP: the root's unsharded gradient and its fp32 reduce-scatter buffer
+#   optimizer              params + grads + AdamW states (+ a non-fused AdamW's temporaries)
 #
 # Gradients are set to None after each step (zero_grad(set_to_none=True)), so they exist in the
 # forward only under gradient accumulation. Sizes in bytes; n = B*T tokens of one micro-batch.
+# What each piece is made of was checked tensor by tensor against tiny CPU runs
+# (tests/test_memory.py); where CPU kernels allocate scratch of their own (bf16 matmuls in oneDNN,
+# mixed-dtype elementwise ops), the estimate follows the GPU, which does not.
 
 PRECISIONS = ("fp32", "bf16-autocast", "bf16-mixed", "bf16")
 AC_MODES = ("none", "full", "selective")
@@ -335,13 +344,16 @@ def _block_saved(s: Shape, d: Dtypes, ac: str, compiled: bool) -> dict[str, int]
                 "gate, up projections": 2 * c * n * I,
                 "attention output": c * n * s.qd, "logsumexp": 4 * s.B * s.nh * s.T}
     if compiled:
-        # Predicted for the min-cut partitioner: keep the block input, the bf16 matmul inputs
-        # (normed activations), q/k/v, SDPA's outputs, o's output (x + o rebuilds the mid
-        # residual) and gate/up; recompute norms, RoPE, silu, the product and the casts.
+        # What AOTAutograd's min-cut partitioner keeps (read from its forward graph's outputs,
+        # TORCH_LOGS=aot_graphs): the block input, both rsqrt, each norm's output once in the
+        # compute dtype (the per-linear casts are fused into one), q and k after RoPE, v, SDPA's
+        # output and logsumexp, o's output (x + o rebuilds the mid residual), gate, up and their
+        # product; norms, RoPE, silu and the residual sums are recomputed in backward. Under
+        # autocast it also keeps the bf16 weight copies (counted with the eager ones).
         return {"block input": r * n * H, "norm rsqrt": 8 * n,
-                "normed inputs": 2 * c * n * H, "q, k, v": c * n * (s.qd + 2 * s.kvd),
+                "normed inputs": 2 * c * n * H, "q, k after rope": c * n * (s.qd + s.kvd), "v": c * n * s.kvd,
                 "o projection": c * n * H, "attention output": c * n * s.qd,
-                "logsumexp": 4 * s.B * s.nh * s.T, "gate, up projections": 2 * c * n * I}
+                "logsumexp": 4 * s.B * s.nh * s.T, "gate, up, product": 3 * c * n * I}
     return _merge(_norm_saved(s, d, 3), _attn_saved(s, d), _norm_saved(s, d, 2), _mlp_saved(s, d))
 
 
@@ -364,11 +376,12 @@ def _recompute_extra(s: Shape, d: Dtypes, ac: str) -> int:
 
 def _block_forward_extra(s: Shape, d: Dtypes, ac: str) -> int:
     """Tensors alive inside a block's forward beyond what it keeps: for a checkpointed block, at the
-    SwiGLU product (mid residual, normed input, silu and up outputs, the product); for an eager
-    block, at its last residual add (the down projection's output and the block's output)."""
+    SwiGLU product (mid residual, normed input, gate and up outputs (swiglu's arguments), silu's
+    output, the product); for an eager block, at its last residual add (the down projection's
+    output and the block's output)."""
     n, c, r = s.n, d.compute, d.residual
     if ac == "full":
-        return 2 * r * n * s.H + 3 * c * n * s.I
+        return 2 * r * n * s.H + 4 * c * n * s.I
     if ac == "selective":  # gate and up are cached (counted); down's output is not made yet
         return 2 * r * n * s.H + 2 * c * n * s.I - c * n * s.H
     return c * n * s.H + r * n * s.H
@@ -388,7 +401,7 @@ def _block_backward_temp(s: Shape, d: Dtypes) -> int:
 # ------------------------------------------------------------------------------------------------
 # the loss: what each implementation holds in forward, keeps for backward, and adds in backward
 
-def _loss_model(s: Shape, d: Dtypes, loss: str, n_labelled: int, fsdp: bool, memory_budget: int | None) -> dict:
+def _loss_model(s: Shape, d: Dtypes, loss: str, n_labelled: int, memory_budget: int | None) -> dict:
     n, H, V, c = s.n, s.H, s.V, d.compute
     # the final norm's output h is a local of Transformer.forward while the loss runs; under
     # autocast Transformer.loss_sum hands the kernel bf16 copies of h and of the lm_head weight
@@ -396,7 +409,7 @@ def _loss_model(s: Shape, d: Dtypes, loss: str, n_labelled: int, fsdp: bool, mem
     cast_h = 2 * n * H if d.autocast else 0
     cast_w = 2 * V * H if d.autocast else 0
     inputs_kept = cast_h + cast_w if d.autocast else h_out  # what a plain linear saves
-    if loss in ("torch",):
+    if loss == "torch":
         # F.linear -> logits (c); .float() -> fp32 logits; log_softmax -> fp32 output (saved);
         # backward: nll_loss's dense fp32 grad, then log_softmax's fp32 grad, with the output
         fwd = h_out + cast_h + cast_w + 8 * n * V
@@ -404,11 +417,12 @@ def _loss_model(s: Shape, d: Dtypes, loss: str, n_labelled: int, fsdp: bool, mem
         bwd = saved + 8 * n * V
         return {"forward": fwd, "saved": saved, "backward": bwd, "lm_head rows": n}
     if loss == "compile":
-        # predicted: one matmul (logits in the compute dtype, saved), fused fp32 softmax kernels
-        # that keep the logsumexp; backward writes d(logits) in the compute dtype
+        # inductor: one matmul (the logits, saved in the compute dtype), fused fp32 softmax kernels
+        # that keep the logsumexp; backward writes d(logits) over the saved logits (a donated
+        # buffer) and makes d(hidden), d(weight); autocast's cast then makes the fp32 gradient
         fwd = h_out + cast_h + cast_w + c * n * V + 8 * n
         saved = c * n * V + 8 * n + inputs_kept
-        bwd = saved + c * n * V
+        bwd = max(saved + c * n * H + c * V * H, c * n * H + c * V * H + (4 * V * H if d.autocast else 0))
         return {"forward": fwd, "saved": saved, "backward": bwd, "lm_head rows": n}
     if loss in ("triton", "chunked"):
         # kernels/linear_cross_entropy.py: labelled rows only, in chunks, gradients in forward
@@ -445,6 +459,7 @@ def estimate_peak_bytes(model_cfg, *, micro_batch_size: int, seq_len: int, preci
                         activation_checkpointing: str = "none", loss: str = "torch", world_size: int = 1,
                         fsdp: bool = False, labelled_fraction: float = 1.0, compile: bool = False,
                         grad_accum_steps: int = 1, fused_optimizer: bool = True,
+                        optimizer_state_bytes: int | None = None, optimizer_temp_bytes: int | None = None,
                         loss_memory_budget: int | None = None) -> dict:
     """Predict the peak bytes of one training step of ftcore's Transformer on one rank.
 
@@ -453,6 +468,8 @@ def estimate_peak_bytes(model_cfg, *, micro_batch_size: int, seq_len: int, preci
     compile | chunked | triton. labelled_fraction: share of tokens with a label (the fused losses
     only do lm_head work for those). compile: torch.compile of each block. fused_optimizer: AdamW
     fused (or foreach); False = the single-tensor AdamW (CPU default), which adds temporaries.
+    optimizer_state_bytes: bytes per element of exp_avg/exp_avg_sq (default: the parameters',
+    as torch's AdamW); optimizer_temp_bytes: the optimizer step's temporaries, when known.
 
     Returns {"peak_bytes", "peak_phase", "phases": {phase: bytes}, "breakdown": {component: bytes
     at the peak}, "per_layer": {activation item: bytes}, "notes": [...]}."""
@@ -470,11 +487,13 @@ def estimate_peak_bytes(model_cfg, *, micro_batch_size: int, seq_len: int, preci
     # persistent state (FSDP: this rank's shards)
     P = math.ceil(s.total_params / W) * d.master
     G = P
-    O = 2 * P  # AdamW exp_avg, exp_avg_sq in the parameters' dtype (plus a scalar step each)
+    # AdamW exp_avg, exp_avg_sq: torch's in the parameters' dtype (plus a scalar step each)
+    O = 2 * math.ceil(s.total_params / W) * (optimizer_state_bytes or d.master)
     g_block = math.ceil(s.block_params / W) * d.master
-    g_root = math.ceil(s.root_params / W) * d.master
     g_embed = math.ceil(V * H / W) * d.master
     G_acc = G if grad_accum_steps > 1 else 0  # earlier micro-batches' gradients
+    # at a block's SwiGLU backward its w_down gradient already exists (FSDP: unsharded, below)
+    g_down = 0 if fsdp else s.H * s.I * d.master
 
     # activations
     per_layer = _block_saved(s, d, ac, compile)
@@ -493,81 +512,179 @@ def estimate_peak_bytes(model_cfg, *, micro_batch_size: int, seq_len: int, preci
 
     # bf16 weight copies made by autocast: cached for the whole forward, kept by autograd until the
     # block's backward unless the block is checkpointed (then recast in recompute)
-    wc_layer = 2 * s.block_linear_params if (d.autocast and not compile) else 0
+    wc_layer = 2 * s.block_linear_params if d.autocast else 0
     wc_fwd = L * wc_layer
     wc_saved = wc_fwd if ac == "none" else 0
     wc_down = 2 * s.H * s.I if wc_layer else 0  # w_down's copy, freed before the SwiGLU backward
 
-    lm = _loss_model(s, d, loss, n_labelled, fsdp, loss_memory_budget)
+    lm = _loss_model(s, d, loss, n_labelled, loss_memory_budget)
     recompute = _recompute_extra(s, d, ac) + (wc_layer - wc_down if ac != "none" else 0)
     temp = _block_backward_temp(s, d)
 
-    # FSDP: the root unit (embedding/lm_head, final norm) stays unsharded from forward to the end of
-    # backward; each block is all-gathered (world 1: copied) in the param dtype when it runs, the
-    # next one prefetched in backward; gradients come out unsharded in the param dtype, are copied
-    # into an fp32 reduce-scatter buffer and land in the fp32 sharded gradient.
+    # FSDP2: the root unit (embedding/lm_head, final norm) is unsharded for the whole forward and
+    # backward (reshard_after_forward=False); a block is all-gathered in the param dtype when it
+    # runs (world 1: copied from its shard), the next one all-gathered ahead (world > 1 only: at
+    # world 1 the copy waits until the block runs). Gradients come out unsharded in the param
+    # dtype; after a block's backward they are copied into an fp32 reduce-scatter input, which is
+    # kept until the next block's reduce-scatter, and reduced into the fp32 sharded gradient.
+    # The root's gradient (lm_head + embedding, tied) stays unsharded until the very end.
     if fsdp:
         Ur = s.root_params * d.unsharded
-        Ub = s.block_params * d.unsharded
-        root_grad = V * H * d.unsharded  # the lm_head gradient accumulates here, unsharded
-        fs_fwd = Ur + (Ub if W == 1 else 2 * Ub)
-        fs_loss = Ur
-        fs_bwd = Ur + root_grad + 2 * Ub + Ub + s.block_params * 4  # + block grads + RS buffer
-        fs_emb = Ur + root_grad + V * H * d.unsharded              # + the dense embedding grad
-        fs_root_rs = root_grad + s.root_params * 4                 # root resharded, RS buffer
-        fs_root_grad = root_grad
-        g_lm_early = 0
+        in_flight = s.block_params * d.unsharded * (1 if W == 1 else 2)
+        root_grad = V * H * d.unsharded
+        rs_in = s.block_params * 4
+        g_down_u = s.H * s.I * d.unsharded
+        fs = {"forward": Ur + in_flight, "loss": Ur, "final norm": Ur + root_grad,
+              "last block": Ur + root_grad + in_flight + g_down_u,
+              "first block": Ur + root_grad + in_flight + g_down_u + rs_in,
+              "embedding": Ur + root_grad + V * H * d.unsharded + rs_in,
+              "root reduce-scatter": root_grad + s.root_params * 4}
+        g_after = {"last block": 0, "first block": (L - 1) * g_block, "embedding": L * g_block}
     else:
-        fs_fwd = fs_loss = fs_bwd = fs_emb = fs_root_rs = fs_root_grad = 0
-        g_lm_early = g_embed + H * d.master  # lm_head (tied: embedding) grad from the loss backward
+        fs = dict.fromkeys(("forward", "loss", "final norm", "last block", "first block", "embedding",
+                            "root reduce-scatter"), 0)
+        g_lm = g_embed + H * d.master  # lm_head (tied: embedding) and final norm grads, from the loss backward
+        g_after = {"last block": g_lm + g_down,
+                   "first block": G - g_block - (0 if s.tied else g_embed) + g_down,
+                   "embedding": G}
 
     def phase(**parts) -> dict[str, int]:
         return {k: int(v) for k, v in parts.items() if v}
 
+    # a tied embedding's gradient is added in place to the lm_head's: a dense (V, H) temporary
     dense_embed = V * H * d.master if (not fsdp and (s.tied or grad_accum_steps > 1)) else 0
-    opt_temp = 0 if fused_optimizer else 2 * V * H * d.master  # sqrt / bias-correction temporaries
+    # the single-tensor AdamW makes two temporaries the size of a parameter (sqrt, then / bias
+    # correction), one parameter at a time; fused and foreach make none that size
+    biggest = max(V * H, H * s.I, H * s.qd)
+    opt_temp = 0 if fused_optimizer else 2 * biggest * d.master
+    if optimizer_temp_bytes is not None:
+        opt_temp = optimizer_temp_bytes
     inputs = 16 * n  # int64 input ids and labels of the micro-batch
-    # at a block's SwiGLU backward its w_down gradient already exists (FSDP: in fs_bwd)
-    g_down = 0 if fsdp else s.H * s.I * d.master
+    common = dict(params=P, optimizer=O, inputs=inputs)
     phases = {
-        "forward, last block": phase(params=P, optimizer=O, grads=G_acc, inputs=inputs,
-                                     activations=L * A_layer + A_shared + rope_temps + _block_forward_extra(s, d, ac),
-                                     weight_copies=wc_fwd, fsdp=fs_fwd),
-        "forward, loss": phase(params=P, optimizer=O, grads=G_acc, inputs=inputs,
-                               activations=A_all + rope_temps + x_last,
-                               weight_copies=wc_fwd, loss=lm["forward"], fsdp=fs_loss),
-        "loss backward": phase(params=P, optimizer=O, grads=G_acc, inputs=inputs, activations=A_all,
-                               weight_copies=wc_saved, loss=lm["backward"], fsdp=fs_loss),
+        "forward, last block": phase(**common, grads=G_acc, weight_copies=wc_fwd, fsdp=fs["forward"],
+                                     activations=L * A_layer + A_shared + rope_temps + _block_forward_extra(s, d, ac)),
+        "forward, loss": phase(**common, grads=G_acc, activations=A_all + rope_temps + x_last,
+                               weight_copies=wc_fwd, loss=lm["forward"], fsdp=fs["loss"]),
+        "loss backward": phase(**common, grads=G_acc, activations=A_all, weight_copies=wc_saved,
+                               loss=lm["backward"], fsdp=fs["loss"]),
         # RMSNorm's backward (pow, mean, rsqrt, mul) makes a few fp32 (n, H) temporaries
-        "final norm backward": phase(params=P, optimizer=O, grads=max(G_acc, g_lm_early), inputs=inputs,
-                                     activations=A_all, weight_copies=wc_saved,
-                                     transient=20 * n * H - d.residual * n * H, fsdp=fs_loss + fs_root_grad),
-        "backward, last block": phase(params=P, optimizer=O, grads=max(G_acc, g_lm_early + g_down),
-                                      inputs=inputs, activations=A_all - A_final + recompute,
+        "final norm backward": phase(**common, grads=max(G_acc, 0 if fsdp else g_lm), activations=A_all,
+                                     weight_copies=wc_saved, transient=20 * n * H - d.residual * n * H,
+                                     fsdp=fs["final norm"]),
+        "backward, last block": phase(**common, grads=max(G_acc, g_after["last block"]),
+                                      activations=A_all - A_final + recompute,
                                       weight_copies=wc_saved - (wc_down if ac == "none" else 0),
-                                      transient=temp, fsdp=fs_bwd),
-        "backward, first block": phase(params=P, optimizer=O,
-                                       grads=max(G_acc, G - g_block - (0 if s.tied else g_embed) + g_down),
-                                       inputs=inputs, activations=A_layer + A_shared + recompute,
+                                      transient=temp, fsdp=fs["last block"]),
+        "backward, first block": phase(**common, grads=max(G_acc, g_after["first block"]),
+                                       activations=A_layer + A_shared + recompute,
                                        weight_copies=wc_layer - wc_down if ac == "none" else 0,
-                                       transient=temp, fsdp=fs_bwd),
-        "embedding backward": phase(params=P, optimizer=O, grads=G, inputs=inputs,
-                                    transient=dense_embed + d.residual * n * H, fsdp=fs_emb),
+                                       transient=temp, fsdp=fs["first block"]),
+        "embedding backward": phase(**common, grads=max(G_acc, g_after["embedding"]),
+                                    transient=dense_embed + d.residual * n * H, fsdp=fs["embedding"]),
     }
     if fsdp:
-        phases["root reduce-scatter"] = phase(params=P, optimizer=O, grads=G, inputs=inputs, fsdp=fs_root_rs)
-    phases["optimizer"] = phase(params=P, optimizer=O, grads=G, inputs=inputs, transient=opt_temp)
+        phases["root reduce-scatter"] = phase(**common, grads=G, fsdp=fs["root reduce-scatter"])
+    phases["optimizer"] = phase(**common, grads=G, transient=opt_temp)
     totals = {k: sum(v.values()) for k, v in phases.items()}
     peak_phase = max(totals, key=totals.get)
     if compile:
-        notes.append("compiled blocks: saved activations predicted for the min-cut partitioner")
-    if loss == "compile":
-        notes.append("compiled loss: workspace predicted (logits kept in the compute dtype)")
+        notes.append("compiled blocks: saved tensors as AOTAutograd's partitioner chose them on CPU (torch 2.13); "
+                     "the backward's temporaries are assumed to be eager's")
+    if compile and ac != "none":
+        notes.append("compiled + checkpointed blocks: estimated as eager checkpointing (within ~6% on CPU)")
     if fsdp:
         notes.append(f"FSDP (world {W}): all-gather/reduce-scatter buffers modelled per block")
     return {
         "peak_bytes": totals[peak_phase], "peak_phase": peak_phase, "phases": totals,
+        # what the forward leaves for backward: activations, autocast weight copies, the loss's
+        # saved tensors (on top of params, optimizer states, FSDP's root unit)
+        "saved_for_backward": A_all + wc_saved + lm["saved"],
         "breakdown": phases[peak_phase], "phase_breakdown": phases, "per_layer": per_layer,
         "per_layer_bytes": A_layer, "params": s.total_params, "lm_head_rows": lm["lm_head rows"],
         "notes": notes,
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# `ftcore bench --estimate CONFIG`
+
+def _fmt(b: float) -> str:
+    return f"{b / GiB:8.2f} GiB" if abs(b) >= GiB else f"{b / MiB:8.1f} MiB"
+
+
+def model_config_for(cfg):
+    """The model shape a run config trains: model.path's config.json, else the [pretrain] shape
+    (the tokenizer trained there may end up a little smaller than pretrain.vocab_size)."""
+    from ftcore.model import ModelConfig
+    if cfg.model.path:
+        return ModelConfig.from_file(cfg.model.path)
+    p = cfg.pretrain
+    return ModelConfig(model_type="llama", vocab_size=p.vocab_size, hidden_size=p.hidden_size,
+                       intermediate_size=p.intermediate_size, num_layers=p.num_layers, num_heads=p.num_heads,
+                       num_kv_heads=p.num_kv_heads, tie_word_embeddings=True)
+
+
+def estimate_report(cfg, world_size: int = 1) -> str:
+    """A text report of estimate_peak_bytes for a run config, on any machine."""
+    from ftcore.config import accumulation_steps
+    t = cfg.train
+    mc = model_config_for(cfg)
+    device = "cpu" if t.device == "cpu" else "cuda"  # auto: the GPU the estimate is for
+    loss = t.loss if t.loss != "auto" else ("triton" if device == "cuda" else "torch")
+    fsdp = t.fsdp == "on" or (t.fsdp == "auto" and (world_size > 1 or t.precision == "bf16-mixed"))
+    accum = accumulation_steps(cfg, world_size)
+    # the optimizer as ftcore.optim.build_optimizer picks it: torch's AdamW (fused on CUDA) for fp32
+    # weights and states, else ftcore.optim.AdamW, which works in fp32 slices of CHUNK elements
+    state_dtype = getattr(t, "optimizer_state_dtype", "float32")
+    state_bytes = 2 if state_dtype == "bfloat16" else 4
+    plain = t.precision != "bf16" and state_bytes == 4 and not getattr(t, "stochastic_rounding", False)
+    opt_temp = None
+    if not plain:
+        try:
+            from ftcore.optim import CHUNK
+        except ImportError:
+            CHUNK = 1 << 24
+        opt_temp = 6 * 4 * min(CHUNK, max(mc.vocab_size, mc.intermediate_size) * mc.hidden_size)
+    e = estimate_peak_bytes(mc, micro_batch_size=t.micro_batch_size, seq_len=cfg.data.max_seq_len,
+                            precision=t.precision, activation_checkpointing=t.activation_checkpointing,
+                            loss=loss, world_size=world_size, fsdp=fsdp, labelled_fraction=1.0,
+                            compile=t.compile, grad_accum_steps=accum,
+                            fused_optimizer=device == "cuda" and not getattr(t, "cpu_offload", False),
+                            optimizer_state_bytes=state_bytes, optimizer_temp_bytes=opt_temp)
+    src = cfg.model.path or "[pretrain]"
+    lines = [
+        f"model: {src}: {mc.model_type}, {mc.num_layers} layers, hidden {mc.hidden_size}, intermediate "
+        f"{mc.intermediate_size}, heads {mc.num_heads}/{mc.num_kv_heads} kv, vocab {mc.vocab_size}, "
+        f"{'tied' if mc.tie_word_embeddings else 'untied'}; {e['params'] / 1e6:,.1f}M parameters",
+        f"step: micro-batch {t.micro_batch_size} x {cfg.data.max_seq_len} tokens, {accum} accumulation "
+        f"step(s), precision {t.precision}, activation checkpointing {t.activation_checkpointing}, loss {loss}"
+        f"{', compiled blocks' if t.compile else ''}, {'FSDP' if fsdp else 'no FSDP'}, world {world_size}, "
+        f"{device}{' (train.device=auto: estimated for CUDA)' if t.device == 'auto' else ''}",
+        "",
+        f"peak per rank: {_fmt(e['peak_bytes']).strip()}   (during: {e['peak_phase']})",
+    ]
+    for k, v in e["breakdown"].items():
+        lines.append(f"  {k:<28}{_fmt(v)}")
+    lines += ["", f"activations saved per layer: {_fmt(e['per_layer_bytes']).strip()}"]
+    for k, v in e["per_layer"].items():
+        lines.append(f"  {k:<28}{_fmt(v)}")
+    lines += ["", "every phase of the step:"]
+    for k, v in e["phases"].items():
+        lines.append(f"  {k:<28}{_fmt(v)}{'   <- peak' if k == e['peak_phase'] else ''}")
+    notes = list(e["notes"])
+    if not cfg.model.path:
+        notes.append("model.path is empty: this is the small base model `ftcore train` would pretrain; for a real "
+                     "shape set model.path=DIR (a directory with its config.json is enough)")
+    if loss in ("triton", "chunked"):
+        notes.append("fused loss workspace assumes every token labelled (the worst case); prompt-masked "
+                     "data needs less")
+    unmodelled = [k for k in ("optimizer_in_backward", "activation_offload", "cpu_offload") if getattr(t, k, False)]
+    unmodelled += [f"kernels.{kind}={name}" for kind, name in getattr(t, "kernels", {}).items() if name != "torch"]
+    if unmodelled:
+        notes.append(f"NOT included: train.{', train.'.join(unmodelled)} (the estimate is for the plain torch "
+                     "path without them)")
+    notes.append("not modelled: allocator rounding and fragmentation (reserved > allocated), cuBLAS/NCCL "
+                 "workspaces, the CUDA context (~0.5 GiB outside torch's allocator)")
+    lines += ["", *("note: " + n for n in notes)]
+    return "\n".join(lines)

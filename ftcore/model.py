@@ -195,20 +195,42 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def apply_rope_qk(q, k, cos, sin):
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+# ------------------------------------------------------------------------------------------------
+# layer functions: these are the "torch" kernels of ftcore.kernels; `Transformer(kernels=...)`
+# swaps in others by name (e.g. the fused Triton ones) for rmsnorm, rope and swiglu
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # normalise in fp32, scale in the input dtype: the same rounding as the HF reference
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def layer_kernel(kind: str, name: str = "torch"):
+    from ftcore.kernels import get_kernel  # lazily: a Triton kernel imports triton when first got
+    return get_kernel(kind, name)
+
+
 # ------------------------------------------------------------------------------------------------
 # layers
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, kernel: str = "torch"):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.norm_fn = layer_kernel("rmsnorm", kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise in fp32, scale in the input dtype: the same rounding as the HF reference
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.norm_fn(x, self.weight, self.eps)
 
     def reset_parameters(self):
         nn.init.ones_(self.weight)
@@ -235,8 +257,9 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, rope: str = "torch"):
         super().__init__()
+        self.rope_fn = layer_kernel("rope", rope)
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         h = cfg.hidden_size
@@ -250,7 +273,7 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.rope_fn(q, k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
         y = mask.attend(q, k, v)
@@ -258,24 +281,26 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, swiglu: str = "torch"):
         super().__init__()
+        self.swiglu_fn = layer_kernel("swiglu", swiglu)
         h, i = cfg.hidden_size, cfg.intermediate_size
         self.w_gate = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.w_up = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.w_down = nn.Linear(i, h, bias=cfg.mlp_bias)
 
     def forward(self, x):
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        return self.w_down(self.swiglu_fn(self.w_gate(x), self.w_up(x)))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, kernels: dict[str, str] | None = None):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = Attention(cfg, layer_idx)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        k = kernels or {}
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, k.get("rmsnorm", "torch"))
+        self.attn = Attention(cfg, layer_idx, k.get("rope", "torch"))
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, k.get("rmsnorm", "torch"))
+        self.mlp = MLP(cfg, k.get("swiglu", "torch"))
 
     def forward(self, x, cos, sin, mask, kv_cache=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, kv_cache)
@@ -350,22 +375,28 @@ def cache_mask(cache: KVCache, attention_mask: torch.Tensor | None, t: int) -> A
 # the model
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, loss: str = "torch"):
+    def __init__(self, cfg: ModelConfig, loss: str = "torch", kernels: dict[str, str] | None = None):
         super().__init__()
+        from ftcore.kernels import LAYER_KINDS
         self.config = cfg
         self.loss = loss  # a name in ftcore.kernels' registry
+        # per layer kind ("rmsnorm", "rope", "swiglu"), a name in the registry; missing = "torch"
+        self.kernels = dict(kernels or {})
+        if unknown := sorted(set(self.kernels) - set(LAYER_KINDS)):
+            raise ValueError(f"kernels: unknown layer kind(s) {unknown}; kinds: {', '.join(LAYER_KINDS)}")
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(Block(cfg, i, self.kernels) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.kernels.get("rmsnorm", "torch"))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None, loss: str = "torch") -> "Transformer":
+    def from_pretrained(cls, path, dtype=None, device=None, loss: str = "torch",
+                        kernels: dict[str, str] | None = None) -> "Transformer":
         from ftcore.weights import load_pretrained
-        return load_pretrained(cls, path, dtype=dtype, device=device, loss=loss)
+        return load_pretrained(cls, path, dtype=dtype, device=device, loss=loss, kernels=kernels)
 
     def init_weights(self, std: float = 0.02, seed: int | None = None):
         """Random init for from-scratch models (the HF Llama scheme: normal(0, std), zero biases)."""

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from ftcore import checkpoint as ckpt
-from ftcore.config import Config, ConfigError, accumulation_steps, to_toml
+from ftcore.config import Config, ConfigError, accumulation_steps, check_kernels, to_toml
 from ftcore.data import Example, StepSampler, format_stats, micro_batches, prepare_datasets
 from ftcore.memory import peak_mem_bytes
 from ftcore.model import IGNORE_INDEX, Transformer
@@ -101,8 +101,10 @@ def import_plugins(cfg: Config) -> None:
 
 def build_model(cfg: Config, model_dir: Path, d: Dist) -> Transformer:
     import_plugins(cfg)
+    check_kernels(cfg.train.kernels)  # again: plugins may have registered the names
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    model = Transformer.from_pretrained(model_dir, dtype=dtype, device=d.device, loss=resolve_loss(cfg, d.device))
+    model = Transformer.from_pretrained(model_dir, dtype=dtype, device=d.device, loss=resolve_loss(cfg, d.device),
+                                        kernels=cfg.train.kernels)
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
     if cfg.train.compile:
         apply_compile(model)

@@ -86,13 +86,14 @@ def _dtype_from_config(path: Path) -> torch.dtype:
     return getattr(torch, name, torch.float32)
 
 
-def load_pretrained(cls=Transformer, path=".", dtype=None, device=None, loss: str = "torch") -> Transformer:
+def load_pretrained(cls=Transformer, path=".", dtype=None, device=None, loss: str = "torch",
+                    kernels: dict[str, str] | None = None) -> Transformer:
     path = Path(path)
     cfg = ModelConfig.from_file(path)
     dtype = dtype or _dtype_from_config(path)
     device = torch.device(device or "cpu")
     with torch.device("meta"):
-        model = cls(cfg, loss=loss)
+        model = cls(cfg, loss=loss, kernels=kernels)
     expected = {n: p for n, p in model.named_parameters()}  # tied lm_head appears once, as embed
     loaded: set[str] = set()
     for file in _weight_files(path):

@@ -1,8 +1,9 @@
 """Kernels, installed as `ftcore.kernels`, chosen by name in the config.
 
 Every kernel lives in one registry keyed by (kind, name): kind "loss" holds the lm_head +
-cross-entropy implementations that `train.loss` picks; later kinds ("rmsnorm", "rope", "swiglu")
-use the same two calls. A user registers their own the same way:
+cross-entropy implementations that `train.loss` picks; the layer kinds "rmsnorm", "rope" and
+"swiglu" hold what `train.kernels` picks for the model's layers. A user registers their own the
+same way:
 
     from ftcore.kernels import register_loss
     register_loss("mine", my_fn)          # then train.loss = "mine"
@@ -19,9 +20,18 @@ Triton decides interpreter mode (TRITON_INTERPRET=1) at import time.
 Registered losses: "torch" (reference: full logits), "chunked" (labelled rows only, chunked,
 gradients in forward, plain torch), "triton" (the same with the fused Triton kernel; CUDA, or CPU
 under TRITON_INTERPRET=1), "compile" (torch.compile of the reference).
+
+Layer kernels, each "torch" (the model's own functions in ftcore.model, the reference) and
+"triton" (fused forward and backward, rmsnorm.py / rope.py / swiglu.py):
+
+    rmsnorm  fn(x (..., H), weight (H,), eps) -> weight * round(x * rsqrt(mean(x^2) + eps))
+    rope     fn(q (B, Hq, T, D), k (B, Hk, T, D), cos, sin (B, 1, T, D) or broadcastable)
+                 -> (q, k) rotated, rotate-half convention
+    swiglu   fn(gate, up) -> silu(gate) * up
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -30,6 +40,7 @@ import torch.nn.functional as F
 from .linear_cross_entropy import linear_cross_entropy  # no triton import: the kernel loads lazily
 
 LossFn = Callable[..., torch.Tensor]
+LAYER_KINDS = ("rmsnorm", "rope", "swiglu")  # the model's layers that `train.kernels` can swap
 
 _KERNELS: dict[tuple[str, str], Callable] = {}
 _LAZY: set[tuple[str, str]] = set()
@@ -108,3 +119,30 @@ register_loss("torch", torch_linear_cross_entropy)
 register_loss("chunked", _fused("torch"))
 register_loss("triton", _triton_factory, lazy=True)
 register_loss("compile", _compile_factory, lazy=True)
+
+
+# --- layer kernels ---------------------------------------------------------------------------
+
+def require_triton_device(x: torch.Tensor, kind: str) -> None:
+    """A Triton kernel runs on CUDA tensors, or on CPU ones under the interpreter."""
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"the triton {kind} kernel needs CUDA tensors, or TRITON_INTERPRET=1 set "
+                           f"before triton is imported to run on CPU; on CPU use {kind} 'torch'")
+
+
+def _lazy(module: str, name: str) -> Callable[[], Callable]:
+    """A factory that imports `name` from `module` on first use: ftcore.model for the torch
+    references (the model imports this package, not the other way round), the Triton modules
+    because triton reads TRITON_INTERPRET at import."""
+    def factory():
+        import importlib
+        return getattr(importlib.import_module(module, __name__), name)
+    return factory
+
+
+register_kernel("rmsnorm", "torch", _lazy("ftcore.model", "rms_norm"), lazy=True)
+register_kernel("rope", "torch", _lazy("ftcore.model", "apply_rope_qk"), lazy=True)
+register_kernel("swiglu", "torch", _lazy("ftcore.model", "swiglu"), lazy=True)
+register_kernel("rmsnorm", "triton", _lazy(".rmsnorm", "rms_norm"), lazy=True)
+register_kernel("rope", "triton", _lazy(".rope", "rope"), lazy=True)
+register_kernel("swiglu", "triton", _lazy(".swiglu", "swiglu"), lazy=True)

@@ -14,6 +14,12 @@ floor under every implementation's error, and the honest question is whether we 
 On CPU a Triton kernel runs under the interpreter: TRITON_INTERPRET=1 must be set before triton is
 first imported (tests/conftest.py does it). `check_kernel` is the generic part, for any kernel
 with a float64 reference (rmsnorm, rope, ...); `check_loss_kernel` builds the loss cases.
+The layer kernels' references are below (reference_rms_norm, reference_rope, reference_swiglu):
+
+    check_kernel(my_rms_norm, reference_rms_norm, [("rows=37 H=72", (x, weight), {"eps": 1e-5})])
+
+Under the interpreter (triton 3.x) a cast from fp32 to bf16 truncates instead of rounding to
+nearest, so a kernel's bf16 error there is about twice what it is on the GPU.
 """
 from __future__ import annotations
 
@@ -124,6 +130,26 @@ def format_report(results: list[Result]) -> str:
         status = "ok  " if r.passed else "FAIL"
         lines.append(f"{status} {r.name}: " + ", ".join(cells + r.problems))
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Layer kernels: the maths of ftcore.model's rms_norm / apply_rope / swiglu, computed in the
+# inputs' dtype all through when that is float64 (the model's rms_norm would drop to fp32)
+
+def reference_rms_norm(x, weight, eps):
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def reference_rope(q, k, cos, sin):
+    def rotate(x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return rotate(q), rotate(k)
+
+
+def reference_swiglu(gate, up):
+    return F.silu(gate) * up
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,701 @@
+"""Training steps of a real-shaped model, one memory/speed strategy at a time, peers side by side.
+
+Workload B: a randomly initialised model of a real shape (default Llama-3.2-1B), micro-batch 4 x
+2048 random token ids, the first 75% of each row labelled -100 (labels aligned: labels[t] is the
+target of position t), AdamW (fused on CUDA), gradient clipping at 1.0, one micro-batch per step;
+a few warmup steps, then timed steps.
+
+The matrix (--rows picks by name; default: all): a baseline (fp32 master weights + bf16 autocast,
+no activation checkpointing, the plain torch loss), one strategy changed at a time, the best
+combinations, and transformers' LlamaForCausalLM of the same shape with its usual options (when
+importable). Compiled rows are slow to start, so they run last; each row runs in its own process
+(a clean peak, OOMs and compile caches isolated): a row that fails is reported, not fatal.
+
+Per row: tokens/s, useful MFU (bench/README.md has the FLOP formula), forward / backward /
+optimizer time (CUDA events), peak allocated and reserved memory, and ftcore.memory's estimate
+beside the measured peak. The markdown table is printed last; results.json and plots go to --out.
+
+    python bench/bench_step.py --budget-s 420                     # GPU: the eager rows fit in ~4 min
+    python bench/bench_step.py --rows loss-compile,compile,best-compile,hf-compile
+    python bench/bench_step.py --sweep --rows baseline,ac-full,best   # + peak vs seq len / batch
+    python bench/bench_step.py --preset llama-3-8b --estimate-only     # memory only, no run
+    python bench/bench_step.py --smoke --out /tmp/b                    # tiny shape on CPU, CI
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+import torch  # noqa: E402
+
+from ftcore.model import ModelConfig  # noqa: E402
+
+RESULT_TAG = "BENCH_RESULT "
+GiB = 2 ** 30
+
+
+# ------------------------------------------------------------------------------------------------
+# shapes
+
+PRESETS: dict[str, dict] = {
+    "llama-3.2-1b": dict(cfg=dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                                  num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64, rope_theta=500000.0,
+                                  max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True)),
+    "qwen2.5-0.5b": dict(cfg=dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                                  num_layers=24, num_heads=14, num_kv_heads=2, rope_theta=1000000.0,
+                                  max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                                  qkv_bias=True)),
+    # fp32 AdamW state alone is 128 GB: only --estimate-only (or strategies that fit) make sense
+    "llama-3-8b": dict(cfg=dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                num_layers=32, num_heads=32, num_kv_heads=8, rope_theta=500000.0,
+                                max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False),
+                       memory_only=True),
+    "tiny": dict(cfg=dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=192, num_layers=2,
+                          num_heads=4, num_kv_heads=2, max_position_embeddings=512, tie_word_embeddings=True)),
+}
+
+
+def model_config(preset: str) -> ModelConfig:
+    return ModelConfig(**PRESETS[preset]["cfg"])
+
+
+# ------------------------------------------------------------------------------------------------
+# the matrix
+
+@dataclass
+class Row:
+    name: str
+    what: str
+    impl: str = "ftcore"              # ftcore | hf
+    precision: str = "bf16-autocast"  # fp32 master + bf16 autocast: the peers' usual set-up
+    ac: str = "none"                  # ftcore: none | full | selective; hf: none | full (gradient checkpointing)
+    loss: str = "torch"
+    compile: bool = False             # ftcore: each block; hf: the whole model
+    fsdp: bool = False
+    liger: bool = False
+
+    @property
+    def slow(self) -> bool:
+        return self.compile or self.loss == "compile"
+
+
+ROWS = [
+    Row("baseline", "fp32 master + bf16 autocast, no AC, torch loss"),
+    Row("bf16-mixed", "bf16 compute via FSDP's MixedPrecisionPolicy (world 1)", precision="bf16-mixed", fsdp=True),
+    Row("bf16", "pure bf16 weights, grads, AdamW states", precision="bf16"),
+    Row("ac-full", "activation checkpointing: every block", ac="full"),
+    Row("ac-selective", "checkpointing that keeps matmul/attention outputs", ac="selective"),
+    Row("loss-triton", "fused Triton loss, labelled rows only", loss="triton"),
+    Row("loss-chunked", "fused loss in plain torch, labelled rows only", loss="chunked"),
+    Row("fsdp", "FSDP2 world 1, fp32 params + autocast", fsdp=True),
+    Row("best", "bf16-mixed + triton loss", precision="bf16-mixed", fsdp=True, loss="triton"),
+    Row("best-ac", "bf16-mixed + triton loss + full AC", precision="bf16-mixed", fsdp=True, loss="triton", ac="full"),
+    Row("hf", "transformers' model of the shape, fp32 + autocast", impl="hf"),
+    Row("hf-gc", "hf + gradient checkpointing", impl="hf", ac="full"),
+    Row("hf-liger", "hf + Liger Kernel", impl="hf", liger=True),
+    Row("hf-liger-gc", "hf + Liger + gradient checkpointing", impl="hf", liger=True, ac="full"),
+    # compiled rows last: minutes of compilation the first time (cached under --out afterwards)
+    Row("loss-compile", "torch.compile of the torch loss", loss="compile"),
+    Row("compile", "torch.compile of each block", compile=True),
+    Row("best-compile", "bf16-mixed + triton loss + compiled blocks", precision="bf16-mixed", fsdp=True,
+        loss="triton", compile=True),
+    Row("hf-compile", "hf under torch.compile", impl="hf", compile=True),
+    Row("hf-compile-bf16", "hf under torch.compile, pure bf16", impl="hf", compile=True, precision="bf16"),
+]
+SMOKE_ROWS = ["baseline", "ac-selective", "loss-chunked", "bf16", "hf"]
+
+
+def why_unavailable(row: Row, device: str) -> str | None:
+    """A reason this row cannot run here, found without importing anything heavy."""
+    if row.impl == "hf" and importlib.util.find_spec("transformers") is None:
+        return "transformers not importable"
+    if row.liger and importlib.util.find_spec("liger_kernel") is None:
+        return "liger_kernel not importable"
+    if row.loss == "triton" and device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "triton loss needs CUDA (or TRITON_INTERPRET=1)"
+    if row.loss == "triton" and importlib.util.find_spec("triton") is None:
+        return "triton not importable"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# FLOPs and MFU
+
+PEAK_BF16_TFLOPS = [  # dense bf16 tensor-core peak, by device-name substring (first match)
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4),
+    ("H800", 989.4), ("H20", 148.0), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0),
+    ("L40S", 362.0), ("A10G", 70.0), ("L4", 121.0),
+]
+
+
+def peak_tflops(device_name: str) -> float | None:
+    for key, tf in PEAK_BF16_TFLOPS:
+        if key in device_name:
+            return tf
+    return None
+
+
+def step_flops(cfg: ModelConfig, B: int, T: int, n_labelled: int) -> dict[str, float]:
+    """Matmul FLOPs of one training step (forward + backward = 3 x forward), bench/README.md:
+    6 * (block matmul weights) * tokens  +  6 * L * B * T^2 * nh * hd  (causal attention: QK^T and
+    PV, half of the T x T square)  +  6 * V * H * (lm_head rows). "useful" counts lm_head rows for
+    labelled tokens only (what the step needs); "all_logits" for every token (what a full-logits
+    loss computes). Recompute under activation checkpointing is not counted (model FLOPs)."""
+    H, I, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    qd, kvd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    block_weights = H * qd + 2 * H * kvd + qd * H + 3 * H * I
+    dense = 6.0 * L * block_weights * B * T
+    attn = 6.0 * L * B * T * T * qd
+    lm = 6.0 * cfg.vocab_size * H
+    return {"useful": dense + attn + lm * n_labelled, "all_logits": dense + attn + lm * B * T,
+            "blocks": dense, "attention": attn}
+
+
+# ------------------------------------------------------------------------------------------------
+# the child process: build one row, run it, print one JSON line
+
+def make_batch(cfg: ModelConfig, B: int, T: int, prompt_frac: float, device):
+    g = torch.Generator().manual_seed(1234)
+    ids = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g)
+    input_ids, labels = ids[:, :-1].clone(), ids[:, 1:].clone()  # aligned: labels[t] = token t+1
+    labels[:, :int(prompt_frac * T)] = -100
+    # the transformers convention: labels like input_ids, shifted inside the model; the last
+    # position of each row has no target there (T-1 vs T labelled rows at most)
+    hf_labels = input_ids.clone()
+    hf_labels[:, 1:][labels[:, :-1] == -100] = -100
+    hf_labels[:, 0] = -100
+    return input_ids.to(device), labels.to(device), hf_labels.to(device)
+
+
+@torch.no_grad()
+def init_on_device(model: torch.nn.Module, std: float = 0.02) -> None:
+    """Random init where the weights live (fast on a GPU): normal(0, std) matrices, unit norms,
+    zero biases; the same scheme as Transformer.init_weights, without the CPU round trip."""
+    for name, p in model.named_parameters():
+        if p.ndim >= 2:
+            p.normal_(0.0, std)
+        elif "norm" in name:
+            p.fill_(1.0)
+        else:
+            p.zero_()
+
+
+def build_ftcore(row: Row, cfg: ModelConfig, device):
+    from ftcore.model import Transformer
+    from ftcore.parallel import apply_activation_checkpointing, apply_compile, apply_fsdp, init_distributed
+    with torch.device("meta"):
+        model = Transformer(cfg, loss=row.loss)
+    if row.precision == "bf16":
+        model = model.to(torch.bfloat16)
+    model = model.to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty gives each module its own new parameter: tie again
+        model.lm_head.weight = model.embed.weight
+    init_on_device(model)
+    model.reset_buffers(device)
+    # the order of ftcore.train.build_model: checkpointing, then compile, then FSDP, per block
+    apply_activation_checkpointing(model, row.ac)
+    if row.compile:
+        apply_compile(model)
+    if row.fsdp:
+        d = init_distributed(device.type, need_group=True)
+        apply_fsdp(model, d, row.precision)
+    return model
+
+
+def build_hf(row: Row, cfg: ModelConfig, device):
+    import transformers
+    if row.liger:  # patches the modeling module's classes: before the model is built
+        import liger_kernel.transformers as lk
+        getattr(lk, f"apply_liger_kernel_to_{cfg.model_type}")()
+    hf = {k: v for k, v in cfg.to_hf().items() if k not in ("architectures", "model_type", "torch_dtype")}
+    hcfg = transformers.AutoConfig.for_model(cfg.model_type, **hf)
+    hcfg.use_cache = False
+    hcfg._attn_implementation = "sdpa"
+    dtype = torch.bfloat16 if row.precision == "bf16" else torch.float32
+    with torch.device(device):  # initialised where it will run
+        model = transformers.AutoModelForCausalLM.from_config(hcfg, dtype=dtype)
+    model.to(device).train()
+    if row.ac == "full":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if row.compile:
+        model = torch.compile(model)
+    return model
+
+
+class StepTimer:
+    """Forward / backward / optimizer time of each step: CUDA events (no sync inside the step),
+    perf_counter on CPU (where ops are synchronous)."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.steps: list[list] = []
+
+    def mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def split_ms(self) -> list[tuple[float, float, float]]:
+        out = []
+        for marks in self.steps:
+            if self.cuda:
+                out.append(tuple(a.elapsed_time(b) for a, b in zip(marks, marks[1:])))
+            else:
+                out.append(tuple(1e3 * (b - a) for a, b in zip(marks, marks[1:])))
+        return out
+
+
+def run_child(spec: dict) -> dict:
+    from ftcore.memory import AllocationTrace, dump_memory_snapshot, optimizer_state_tensors, record_memory_history, tensor_bytes
+    row = Row(**spec["row"])
+    cfg = ModelConfig(**spec["cfg"])
+    device = torch.device(spec["device"])
+    torch.manual_seed(0)
+    model = build_hf(row, cfg, device) if row.impl == "hf" else build_ftcore(row, cfg, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=row.precision == "bf16-autocast")
+
+    def fresh_batch(B, T):
+        ids, labels, hf_labels = make_batch(cfg, B, T, spec["prompt_frac"], device)
+        return ids, labels, hf_labels, int((labels != -100).sum())
+
+    def step(batch, timer: StepTimer | None = None):
+        ids, labels, hf_labels, n_lab = batch
+        marks = [timer.mark()] if timer else None
+        with autocast:
+            if row.impl == "hf":
+                loss = model(input_ids=ids, labels=hf_labels).loss  # mean over labelled tokens
+            else:
+                loss_sum, _ = model(input_ids=ids, labels=labels)
+                loss = loss_sum * (1.0 / n_lab)  # as train_step: the sum over the global token count
+        if timer:
+            marks.append(timer.mark())
+        loss.backward()
+        if timer:
+            marks.append(timer.mark())
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if timer:
+            marks.append(timer.mark())
+            timer.steps.append(marks)
+        return loss
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def measure_memory(batch) -> dict:
+        """Peak bytes of one steady step (optimizer states exist): the CUDA allocator's, or on a
+        CPU the allocations the profiler sees plus what existed before the step."""
+        if device.type == "cuda":
+            sync()
+            torch.cuda.reset_peak_memory_stats()
+            step(batch)
+            sync()
+            return {"peak_alloc": torch.cuda.max_memory_allocated(), "peak_reserved": torch.cuda.max_memory_reserved()}
+        used = (batch[0], batch[2]) if row.impl == "hf" else (batch[0], batch[1])
+        base = tensor_bytes([*model.parameters(), *model.buffers(), *optimizer_state_tensors(opt), *used])
+        with AllocationTrace() as mem:
+            step(batch)
+        return {"peak_alloc": base + mem.peak, "peak_reserved": None}
+
+    out: dict = {"name": row.name}
+    if device.type == "cuda":
+        out["device_name"] = torch.cuda.get_device_name()
+        out["device_memory"] = torch.cuda.get_device_properties(device).total_memory
+    if spec.get("sweep"):
+        # peak memory over shapes, smallest first, stopping at the first OOM
+        out["sweep"] = []
+        for B, T in spec["sweep"]:
+            try:
+                batch = fresh_batch(B, T)
+                step(batch)  # optimizer states, recompiles for the shape
+                out["sweep"].append({"micro_batch": B, "seq_len": T, "status": "ok", **measure_memory(batch)})
+            except torch.OutOfMemoryError:
+                out["sweep"].append({"micro_batch": B, "seq_len": T, "status": "OOM"})
+                break
+            finally:
+                batch = None
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        return out
+
+    B, T = spec["micro_batch"], spec["seq_len"]
+    batch = fresh_batch(B, T)
+    out["n_labelled"] = batch[3]
+    t0 = time.perf_counter()
+    for _ in range(spec["warmup"]):
+        step(batch)
+    sync()
+    out["warmup_s"] = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    timer = StepTimer(device)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(spec["steps"]):
+        loss = step(batch, timer)
+    sync()
+    wall = time.perf_counter() - t0
+    out["loss"] = float(loss)
+    out["step_s"] = wall / spec["steps"]
+    out["tokens_per_s"] = B * T * spec["steps"] / wall
+    splits = timer.split_ms()
+    for i, k in enumerate(("fwd_ms", "bwd_ms", "opt_ms")):
+        out[k] = statistics.median(s[i] for s in splits)
+    if device.type == "cuda":
+        out["peak_alloc"] = torch.cuda.max_memory_allocated()
+        out["peak_reserved"] = torch.cuda.max_memory_reserved()
+        out["alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)
+    else:
+        out.update(measure_memory(batch))
+    odir = Path(spec["out"])
+    if spec.get("memory_snapshot"):
+        if device.type == "cuda":  # one more step, recorded: open it at https://pytorch.org/memory_viz
+            record_memory_history()
+            step(batch)
+            path = odir / f"snapshot_{row.name}.pickle"
+            dump_memory_snapshot(path)
+            out["memory_snapshot"] = str(path)
+        else:
+            out["memory_snapshot"] = "skipped: CUDA's allocator records the history"
+    if spec.get("profile"):
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            for _ in range(2):
+                step(batch)
+            sync()
+        path = odir / f"trace_{row.name}.json.gz"
+        prof.export_chrome_trace(str(path))
+        out["profile"] = str(path)
+    return out
+
+
+def child_main(spec_json: str) -> int:
+    spec = json.loads(spec_json)
+    try:
+        res = run_child(spec)
+        res["status"] = "ok"
+    except torch.OutOfMemoryError as e:
+        res = {"name": spec["row"]["name"], "status": "OOM", "error": str(e).splitlines()[0][:300]}
+    except Exception as e:  # reported in the table, not fatal to the matrix
+        traceback.print_exc()
+        res = {"name": spec["row"]["name"], "status": "failed", "error": f"{type(e).__name__}: {e}"[:300]}
+    print(RESULT_TAG + json.dumps(res), flush=True)
+    try:
+        from ftcore.parallel import shutdown
+        shutdown()
+    except Exception:
+        pass
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# the parent: launch rows, collect, estimate, report
+
+def launch(spec: dict, timeout: float, env: dict) -> dict:
+    name = spec["row"]["name"]
+    try:
+        p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+                           capture_output=True, text=True, timeout=timeout, env=env, cwd=str(ROOT))
+    except subprocess.TimeoutExpired:
+        return {"name": name, "status": "timeout", "error": f"no result within {timeout:.0f} s"}
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    err = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
+    status = "OOM" if "out of memory" in p.stderr.lower() else "failed"
+    return {"name": name, "status": status, "error": f"exit {p.returncode}: {err}"[:300]}
+
+
+def estimate_row(row: Row, cfg: ModelConfig, B: int, T: int, labelled_fraction: float) -> dict | None:
+    """ftcore.memory's prediction for an ftcore row (peers are other models: not estimated)."""
+    if row.impl != "ftcore":
+        return None
+    from ftcore.memory import estimate_peak_bytes
+    e = estimate_peak_bytes(cfg, micro_batch_size=B, seq_len=T, precision=row.precision,
+                            activation_checkpointing=row.ac, loss=row.loss, fsdp=row.fsdp,
+                            labelled_fraction=labelled_fraction, compile=row.compile)
+    return {"est_peak": e["peak_bytes"], "est_phase": e["peak_phase"], "est_breakdown": e["breakdown"]}
+
+
+def gpu_info() -> tuple[str | None, int | None]:
+    """The GPU's name and memory from nvidia-smi: the parent process never touches CUDA, so no
+    context of its own sits on the GPU while the rows run (the rows report the same from torch)."""
+    try:
+        line = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=30).stdout.splitlines()[0]
+        name, mib = (x.strip() for x in line.split(","))
+        return name, int(float(mib)) * 2 ** 20
+    except (OSError, IndexError, ValueError, subprocess.TimeoutExpired):
+        return None, None
+
+
+def versions() -> dict:
+    v = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("triton", "transformers", "liger_kernel"):
+        if importlib.util.find_spec(mod) is not None:
+            try:
+                from importlib.metadata import version
+                v[mod] = version(mod.replace("_", "-"))
+            except Exception:
+                v[mod] = "?"
+    if torch.version.cuda:
+        v["cuda"] = torch.version.cuda
+    return v
+
+
+def _size(b: float) -> str:
+    return f"{b / GiB:.2f} GiB" if b >= GiB else f"{b / 2 ** 20:.1f} MiB"
+
+
+def fmt_table(results: dict) -> str:
+    rows = results["rows"]
+    meta = results["meta"]
+    unit, div = ("GiB", GiB) if max([r.get("peak_alloc") or 0 for r in rows] + [r.get("est_peak") or 0 for r in rows]
+                               + [0]) >= GiB else ("MiB", 2 ** 20)
+    base = next((r for r in rows if r["name"] == "baseline" and r.get("status") == "ok"), None)
+
+    def num(x, f="{:.1f}"):
+        return "—" if x is None else f.format(x)
+
+    head = ["row", "what changes", "tokens/s", "× base", "MFU", "fwd ms", "bwd ms", "opt ms",
+            f"peak alloc {unit}", f"reserved {unit}", f"estimate {unit}", "est. err"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if r.get("status") != "ok":
+            est = num(r["est_peak"] / div, "{:.2f}") if r.get("est_peak") else "—"
+            lines.append(f"| {r['name']} | {r['what']} | {r.get('status')}: {r.get('error', '')[:80]} | | | | | | | | {est} | |")
+            continue
+        ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else None
+        err = (r["est_peak"] / r["peak_alloc"] - 1) * 100 if r.get("est_peak") and r.get("peak_alloc") else None
+        lines.append("| " + " | ".join([
+            r["name"], r["what"], f"{r['tokens_per_s']:,.0f}", num(ratio, "{:.2f}"),
+            num(r.get("mfu") and 100 * r["mfu"], "{:.1f}%"), num(r["fwd_ms"]), num(r["bwd_ms"]), num(r["opt_ms"]),
+            num(r["peak_alloc"] / div, "{:.2f}"), num(r["peak_reserved"] and r["peak_reserved"] / div, "{:.2f}"),
+            num(r.get("est_peak") and r["est_peak"] / div, "{:.2f}"), num(err, "{:+.1f}%"),
+        ]) + " |")
+    w = meta["workload"]
+    header = [
+        f"**{meta['preset']}** ({meta['params'] / 1e6:,.0f}M params), micro-batch {w['micro_batch']} x {w['seq_len']}, "
+        f"{w['n_labelled']} labelled tokens ({100 * w['labelled_fraction']:.0f}%), {w['steps']} timed steps after "
+        f"{w['warmup']} warmup; {meta['device']}; {meta['date']}",
+        "versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+        f"command: `{meta['command']}`",
+        f"MFU: useful matmul FLOPs ({meta['flops_per_step']['useful'] / 1e12:.2f} TFLOP/step; lm_head for labelled "
+        f"rows only) / step time / {num(meta['peak_tflops'])} TFLOP/s bf16 peak; estimate = ftcore.memory "
+        "(peers: not modelled); est. err = estimate / peak alloc - 1",
+    ]
+    return "\n".join(header + [""] + lines)
+
+
+def fmt_estimates(results: dict) -> str:
+    lines = ["| row | what changes | estimate GiB | peak during | biggest parts |", "|---|---|---|---|---|"]
+    cap = results["meta"].get("device_memory")
+    for r in results["rows"]:
+        if not r.get("est_peak"):
+            continue
+        parts = sorted(r["est_breakdown"].items(), key=lambda kv: -kv[1])[:3]
+        fits = "" if not cap else (" (fits)" if r["est_peak"] < cap else " (exceeds the GPU)")
+        lines.append(f"| {r['name']} | {r['what']} | {r['est_peak'] / GiB:.2f}{fits} | {r['est_phase']} | "
+                     + ", ".join(f"{k} {v / GiB:.1f}" for k, v in parts) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="llama-3.2-1b", choices=sorted(PRESETS))
+    ap.add_argument("--rows", default="", help="comma-separated row names (default: all)")
+    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--prompt-frac", type=float, default=0.75, help="leading share of each row labelled -100")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--budget-s", type=float, default=420.0, help="start no row after this many seconds")
+    ap.add_argument("--row-timeout-s", type=float, default=300.0)
+    ap.add_argument("--out", default="runs/bench")
+    ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU (default: from the GPU name)")
+    ap.add_argument("--sweep", action="store_true", help="also: peak memory vs sequence length and micro-batch")
+    ap.add_argument("--sweep-rows", default="baseline,ac-full,best")
+    ap.add_argument("--sweep-seq", default="512,1024,2048,4096,8192")
+    ap.add_argument("--sweep-mb", default="1,2,4,8,16")
+    ap.add_argument("--memory-snapshot", action="store_true", help="CUDA: snapshot_ROW.pickle for pytorch.org/memory_viz")
+    ap.add_argument("--profile", action="store_true", help="trace_ROW.json.gz (chrome://tracing, perfetto)")
+    ap.add_argument("--estimate-only", action="store_true", help="print the memory estimates, run nothing")
+    ap.add_argument("--run", action="store_true", help="run a memory-only preset (llama-3-8b) anyway")
+    ap.add_argument("--smoke", action="store_true", help="tiny shape, CPU, 2 steps, a few rows (CI)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        return child_main(args.child)
+
+    if args.smoke:
+        args.preset, args.device, args.micro_batch, args.seq_len = "tiny", "cpu", 2, 64
+        args.steps, args.warmup = 2, 1
+        args.rows = args.rows or ",".join(SMOKE_ROWS)
+        args.sweep_seq, args.sweep_mb, args.sweep_rows = "32,64", "1,2", "baseline"
+    # torch.cuda.is_available() asks the driver without creating a context
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    cfg = model_config(args.preset)
+    by_name = {r.name: r for r in ROWS}
+    names = [n.strip() for n in args.rows.split(",") if n.strip()] or [r.name for r in ROWS]
+    sweep_names = [n.strip() for n in args.sweep_rows.split(",") if n.strip()] if args.sweep else []
+    unknown = [n for n in names + sweep_names if n not in by_name]
+    if unknown:
+        ap.error(f"unknown rows {unknown}; rows: {', '.join(by_name)}")
+    selected = sorted((by_name[n] for n in names), key=lambda r: r.slow)  # compiled rows last
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    B, T = args.micro_batch, args.seq_len
+    n_labelled = B * (T - int(args.prompt_frac * T))
+    frac = n_labelled / (B * T)
+    flops = step_flops(cfg, B, T, n_labelled)
+    gpu_name, gpu_mem = gpu_info() if device == "cuda" else (None, None)
+    dev_name = (gpu_name or "CUDA GPU") if device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    ptf = args.peak_tflops or (peak_tflops(dev_name) if device == "cuda" else None)
+    meta = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "device": dev_name, "versions": versions(),
+        "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:])),
+        "preset": args.preset, "model": dataclasses.asdict(cfg), "params": cfg.num_params(),
+        "workload": {"micro_batch": B, "seq_len": T, "prompt_frac": args.prompt_frac, "n_labelled": n_labelled,
+                     "labelled_fraction": frac, "steps": args.steps, "warmup": args.warmup},
+        "flops_per_step": flops, "peak_tflops": ptf,
+        "device_memory": gpu_mem,
+    }
+    results = {"meta": meta, "rows": []}
+
+    if args.estimate_only or (PRESETS[args.preset].get("memory_only") and not args.run):
+        for row in selected:
+            rec = {"name": row.name, "what": row.what, "status": "estimate only"}
+            rec.update(estimate_row(row, cfg, B, T, frac) or {})
+            results["rows"].append(rec)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        print(f"{args.preset}: estimates only ({meta['params'] / 1e9:.2f}B params, micro-batch {B} x {T})\n")
+        print(fmt_estimates(results))
+        return 0
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    # compiled rows reuse their kernels on a rerun
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str((out / "cache" / "inductor").resolve()))
+    env.setdefault("TRITON_CACHE_DIR", str((out / "cache" / "triton").resolve()))
+    common = {"cfg": dataclasses.asdict(cfg), "device": device, "prompt_frac": args.prompt_frac, "out": str(out.resolve())}
+
+    t_start = time.perf_counter()
+    for i, row in enumerate(selected):
+        rec = {"name": row.name, "what": row.what, "row": dataclasses.asdict(row)}
+        elapsed = time.perf_counter() - t_start
+        reason = why_unavailable(row, device)
+        if reason:
+            rec.update(status="skipped", error=reason)
+        elif elapsed > args.budget_s:
+            rec.update(status="skipped", error=f"budget ({args.budget_s:.0f} s) spent")
+        else:
+            spec = {**common, "row": dataclasses.asdict(row), "micro_batch": B, "seq_len": T, "steps": args.steps,
+                    "warmup": args.warmup, "memory_snapshot": args.memory_snapshot, "profile": args.profile}
+            timeout = min(args.row_timeout_s, max(30.0, args.budget_s - elapsed + 30.0))
+            t0 = time.perf_counter()
+            rec.update(launch(spec, timeout, env))
+            rec["wall_s"] = time.perf_counter() - t0
+        rec.update(estimate_row(row, cfg, B, T, frac) or {})
+        if rec.get("device_name"):  # what torch itself saw
+            meta["device"], meta["device_memory"] = rec["device_name"], rec["device_memory"]
+            ptf = meta["peak_tflops"] = args.peak_tflops or peak_tflops(rec["device_name"])
+        if rec.get("status") == "ok" and ptf:
+            rec["mfu"] = flops["useful"] / rec["step_s"] / (ptf * 1e12)
+        results["rows"].append(rec)
+        msg = rec.get("status")
+        if msg == "ok":
+            msg = f"{rec['tokens_per_s']:,.0f} tok/s, peak {_size(rec['peak_alloc'])}"
+            if rec.get("est_peak"):
+                msg += f" (estimate {_size(rec['est_peak'])}, {100 * (rec['est_peak'] / rec['peak_alloc'] - 1):+.1f}%)"
+        elif rec.get("error"):
+            msg += f": {rec['error']}"
+        print(f"[{i + 1}/{len(selected)}] {row.name}: {msg} ({time.perf_counter() - t_start:.0f} s)", file=sys.stderr, flush=True)
+
+    if args.sweep:
+        results["sweep"] = run_sweep(args, cfg, device, common, env, t_start, frac)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    try:
+        from plot import plot_results  # bench/plot.py, next to this file
+        notes = plot_results(results, out)
+    except ImportError as e:
+        notes = [f"plots skipped: {e} (pip install -e '.[bench]')"]
+    for n in notes:
+        print(n, file=sys.stderr)
+    print(f"results: {out / 'results.json'}", file=sys.stderr)
+    if results.get("sweep"):
+        print(fmt_sweep(results["sweep"]) + "\n")
+    print(fmt_table(results))  # last: the table is the end of stdout
+    return 0
+
+
+def run_sweep(args, cfg: ModelConfig, device: str, common: dict, env: dict, t_start: float, frac: float) -> list[dict]:
+    """Peak memory vs sequence length (at --micro-batch) and vs micro-batch (at --seq-len), for a
+    few strategies: measured (one process per strategy, smallest shape first, stopping at the
+    first OOM) beside the estimate at every point, including those that did not fit."""
+    from ftcore.memory import estimate_peak_bytes
+    by_name = {r.name: r for r in ROWS}
+    seqs = [int(x) for x in args.sweep_seq.split(",")]
+    mbs = [int(x) for x in args.sweep_mb.split(",")]
+    points = sorted({(args.micro_batch, t) for t in seqs} | {(b, args.seq_len) for b in mbs}, key=lambda p: p[0] * p[1])
+    out = []
+    for name in [n.strip() for n in args.sweep_rows.split(",") if n.strip()]:
+        row = by_name[name]
+        reason = why_unavailable(row, device)
+        elapsed = time.perf_counter() - t_start
+        if row.impl != "ftcore":
+            reason = "the sweep compares with the estimate: ftcore rows only"
+        elif not reason and elapsed > args.budget_s:
+            reason = f"budget ({args.budget_s:.0f} s) spent"
+        if reason:
+            print(f"sweep {name}: skipped ({reason})", file=sys.stderr)
+            continue
+        spec = {**common, "row": dataclasses.asdict(row), "sweep": points}
+        res = launch(spec, min(args.row_timeout_s, max(30.0, args.budget_s - elapsed + 30.0)), env)
+        measured = {(p["micro_batch"], p["seq_len"]): p for p in res.get("sweep", [])}
+        for B, T in points:
+            e = estimate_peak_bytes(cfg, micro_batch_size=B, seq_len=T, precision=row.precision,
+                                    activation_checkpointing=row.ac, loss=row.loss, fsdp=row.fsdp,
+                                    labelled_fraction=frac, compile=row.compile)
+            m = measured.get((B, T), {"status": res.get("status") if res.get("status") != "ok" else "not run"})
+            out.append({"row": name, "micro_batch": B, "seq_len": T, "est_peak": e["peak_bytes"], **m})
+        print(f"sweep {name}: {sum(1 for p in measured.values() if p['status'] == 'ok')}/{len(points)} points "
+              f"({time.perf_counter() - t_start:.0f} s)", file=sys.stderr)
+    return out
+
+
+def fmt_sweep(sweep: list[dict]) -> str:
+    lines = ["| row | micro-batch | seq len | peak alloc GiB | estimate GiB | est. err |", "|---|---|---|---|---|---|"]
+    for p in sweep:
+        got = p.get("peak_alloc")
+        measured = f"{got / GiB:.3f}" if got else p.get("status", "—")
+        err = f"{100 * (p['est_peak'] / got - 1):+.1f}%" if got else "—"
+        lines.append(f"| {p['row']} | {p['micro_batch']} | {p['seq_len']} | {measured} | {p['est_peak'] / GiB:.3f} | {err} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
