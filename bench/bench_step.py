@@ -88,6 +88,7 @@ class Row:
     compile: bool = False             # ftcore: each block; hf: the whole model
     fsdp: bool = False
     liger: bool = False
+    kernels: str = ""                 # ftcore: "triton" = fused RMSNorm, RoPE and SwiGLU (train.kernels)
 
     @property
     def slow(self) -> bool:
@@ -103,8 +104,11 @@ ROWS = [
     Row("loss-triton", "fused Triton loss, labelled rows only", loss="triton"),
     Row("loss-chunked", "fused loss in plain torch, labelled rows only", loss="chunked"),
     Row("fsdp", "FSDP2 world 1, fp32 params + autocast", fsdp=True),
+    Row("kernels-triton", "fused Triton RMSNorm, RoPE, SwiGLU", kernels="triton"),
     Row("best", "bf16-mixed + triton loss", precision="bf16-mixed", fsdp=True, loss="triton"),
     Row("best-ac", "bf16-mixed + triton loss + full AC", precision="bf16-mixed", fsdp=True, loss="triton", ac="full"),
+    Row("best-kernels", "bf16-mixed + triton loss + fused kernels", precision="bf16-mixed", fsdp=True,
+        loss="triton", kernels="triton"),
     Row("hf", "transformers' model of the shape, fp32 + autocast", impl="hf"),
     Row("hf-gc", "hf + gradient checkpointing", impl="hf", ac="full"),
     Row("hf-liger", "hf + Liger Kernel", impl="hf", liger=True),
@@ -199,7 +203,8 @@ def build_ftcore(row: Row, cfg: ModelConfig, device):
     from ftcore.model import Transformer
     from ftcore.parallel import apply_activation_checkpointing, apply_compile, apply_fsdp, init_distributed
     with torch.device("meta"):
-        model = Transformer(cfg, loss=row.loss)
+        fused = {k: row.kernels for k in ("rmsnorm", "rope", "swiglu")} if row.kernels else None
+        model = Transformer(cfg, loss=row.loss, kernels=fused)
     if row.precision == "bf16":
         model = model.to(torch.bfloat16)
     model = model.to_empty(device=device)

@@ -56,7 +56,7 @@ def pretrain_base(cfg: Config, out_dir: Path, device: torch.device) -> Path:
 
     g = torch.Generator().manual_seed(cfg.run.seed)
     n_windows = len(stream) - p.seq_len - 1
-    bar = tqdm(range(p.steps), desc="pretrain", dynamic_ncols=True)
+    bar = tqdm(range(p.steps), desc="pretrain", dynamic_ncols=True, disable=not cfg.log.progress)
     for _ in bar:
         starts = torch.randint(0, n_windows, (p.batch_size,), generator=g)
         window = torch.stack([stream[s:s + p.seq_len + 1] for s in starts.tolist()]).to(device)

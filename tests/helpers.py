@@ -90,3 +90,25 @@ def hf_grads_by_our_name(hf_model) -> dict[str, torch.Tensor]:
         assert ours is not None, f"no ftcore name for {name}"
         out[ours] = p.grad
     return out
+
+
+def make_run_setup(root, n_records: int = 96, vocab_size: int = 384):
+    """A directory for in-process training runs: reviews.jsonl (the embedded generator) and base/,
+    a tiny HF checkpoint with a BPE tokenizer trained on those reviews."""
+    import json
+
+    from ftcore.reviews import generate_reviews, pretraining_texts
+    from ftcore.tokenizer import Tokenizer
+    from ftcore.weights import save_pretrained
+
+    records = generate_reviews(n_records, 0)
+    (root / "reviews.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    tok = Tokenizer.train_bpe(pretraining_texts(records), vocab_size)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    model.init_weights(seed=0)
+    save_pretrained(model, root / "base", tokenizer=tok)
+    return root

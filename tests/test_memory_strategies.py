@@ -17,8 +17,7 @@ import torch
 from ftcore.config import ConfigError, load_config
 from ftcore.model import ModelConfig, Transformer
 from ftcore.optim import AdamW, OptimizerInBackward, stochastic_round_
-from ftcore.tokenizer import Tokenizer
-from ftcore.weights import save_pretrained
+from helpers import make_run_setup
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -29,18 +28,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from ftcore.reviews import generate_reviews, pretraining_texts
-    root = tmp_path_factory.mktemp("tiny")
-    records = generate_reviews(64, 0)
-    (root / "reviews.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    tok = Tokenizer.train_bpe(pretraining_texts(records), 384)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_layers=2,
-                      num_heads=4, num_kv_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-                      bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    model = Transformer(cfg)
-    model.init_weights(seed=0)
-    save_pretrained(model, root / "base", tokenizer=tok)
-    return root
+    return make_run_setup(tmp_path_factory.mktemp("tiny"), n_records=64)
 
 
 def overrides(setup: Path, run_dir: Path, **kw) -> list[str]:

@@ -17,33 +17,15 @@ import torch
 from ftcore.config import load_config
 from ftcore.model import ModelConfig, Transformer
 from ftcore.tokenizer import Tokenizer
-from ftcore.weights import save_pretrained
+from helpers import make_run_setup
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _records(n=96, seed=0):
-    from ftcore.reviews import generate_reviews
-    return generate_reviews(n, seed)
 
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     """A tiny HF checkpoint with a trained tokenizer, and a small review dataset on disk."""
-    root = tmp_path_factory.mktemp("tiny")
-    records = _records()
-    data = root / "reviews.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    from ftcore.reviews import pretraining_texts
-    tok = Tokenizer.train_bpe(pretraining_texts(records), 384)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_layers=2,
-                      num_heads=4, num_kv_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-                      bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    model.init_weights(seed=0)
-    save_pretrained(model, root / "base", tokenizer=tok)
-    return root
+    return make_run_setup(tmp_path_factory.mktemp("tiny"))
 
 
 def _overrides(setup: Path, run_dir: Path, **kw) -> list[str]:
