@@ -207,12 +207,15 @@ def train(cfg: Config) -> dict:
     if d.is_main:
         print(format_stats(datasets.stats), flush=True)
 
+    ckpt_root = run_dir / "checkpoints"
+    resume_from = ckpt.latest_checkpoint(ckpt_root) if cfg.train.resume == "auto" else None
+
     from ftcore.evaluate import evaluate_for_run, write_report
     results: dict = {}
     base_results_path = run_dir / "eval_base.json"
     if cfg.eval.base:
         if d.is_main:
-            if base_results_path.is_file():  # a resumed run does not evaluate the base twice
+            if resume_from is not None and base_results_path.is_file():  # a resumed run does not evaluate the base twice
                 results.update(json.loads(base_results_path.read_text()))
             else:
                 results.update(evaluate_for_run(cfg, base_dir, tokenizer, datasets, d.device, base=True))
@@ -225,10 +228,8 @@ def train(cfg: Config) -> dict:
     autocast = autocast_context(cfg, d.device)
     offload = ActivationOffload(d.device) if cfg.train.activation_offload else contextlib.nullcontext()
     sampler = StepSampler(len(datasets.train), cfg.train.global_batch_size, cfg.run.seed)
-    ckpt_root = run_dir / "checkpoints"
 
     start_step, tokens_seen = 0, 0
-    resume_from = ckpt.latest_checkpoint(ckpt_root) if cfg.train.resume == "auto" else None
     if d.is_main:
         ckpt.cleanup_partial(ckpt_root)
     barrier(d)
@@ -295,7 +296,7 @@ def train(cfg: Config) -> dict:
     if cfg.eval.final and d.is_main:
         results.update(evaluate_for_run(cfg, final_dir, tokenizer, datasets, d.device, base=False))
     if d.is_main and results:
-        report = write_report(run_dir, results)
+        report = write_report(run_dir, results, n_samples=cfg.eval.samples, shots=cfg.eval.shots)
         print(report, flush=True)
     barrier(d)
     return results

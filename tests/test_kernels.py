@@ -16,6 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ftcore import kernels
+from helpers import compile_for_gpu_or_skip
 from ftcore.kernels import get_loss, linear_cross_entropy
 from ftcore.kernels.linear_cross_entropy import STATS, chunk_rows_for
 from ftcore.kernels.testing import (KernelCheckError, check_loss_kernel, make_loss_inputs,
@@ -120,17 +121,7 @@ for dtype in ("*bf16", "*fp32"):
 
 
 def test_kernel_compiles_for_gpu_without_one():
-    # The interpreter runs the kernel as Python and forgives what the compiler would not (types
-    # changing across branches, unsupported calls). triton's own ptxas compiles it for sm_80 and
-    # sm_90 here, no GPU needed, so CPU CI catches that too.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_GPU], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    if proc.returncode == 3:
-        pytest.skip("this triton's ASTSource takes other arguments")
-    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
-        pytest.skip("no ptxas in this triton install")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    compile_for_gpu_or_skip(_COMPILE_FOR_GPU)
 
 
 # --- ignored rows cost nothing ----------------------------------------------------------------
