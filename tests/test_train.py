@@ -295,3 +295,17 @@ def test_compiled_blocks_same_gradients():
     assert compiled.loss_value == pytest.approx(eager.loss_value, rel=1e-6)
     for (n, a), b in zip(eager.named_parameters(), compiled.parameters()):
         assert _rel(b.grad, a.grad) <= 1e-5, n
+
+
+def test_export_of_a_checkpoint_equals_the_run_stopped_there(tiny_setup, tmp_path):
+    """`ftcore export RUN/checkpoints/step_N` gives the weights a run stopped at step N exports (both
+    runs are inside the 2 warmup steps, where the lr does not depend on max_steps)."""
+    from ftcore.export import export_checkpoint
+    _train_inproc(_overrides(tiny_setup, tmp_path / "long", train__max_steps=4, checkpoint__every=2))
+    _train_inproc(_overrides(tiny_setup, tmp_path / "short", train__max_steps=2, checkpoint__export_final="true"))
+    export_checkpoint(str(tmp_path / "long" / "checkpoints" / "step_00000002"), str(tmp_path / "exported"))
+    a = Transformer.from_pretrained(tmp_path / "exported")
+    b = Transformer.from_pretrained(tmp_path / "short" / "final")
+    for (n, x), y in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(x, y), n
+    assert (tmp_path / "exported" / "tokenizer.json").is_file()
