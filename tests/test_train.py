@@ -309,3 +309,17 @@ def test_export_of_a_checkpoint_equals_the_run_stopped_there(tiny_setup, tmp_pat
     for (n, x), y in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(x, y), n
     assert (tmp_path / "exported" / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+def test_fused_loss_under_fsdp_matches_torch_loss(tiny_setup, tmp_path):
+    """The Triton loss (interpreter on CPU) runs inside forward on FSDP's unsharded, tied lm_head:
+    2 processes with packed batches give the 1-process plain-torch losses."""
+    common = dict(train__max_steps=4, train__fsdp="on", data__batching="pack")
+    r1 = _run_cli(["train", "configs/tiny_cpu.toml", *_overrides(tiny_setup, tmp_path / "torch", train__loss="torch", **common)])
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = _run_cli(["train", "configs/tiny_cpu.toml", *_overrides(tiny_setup, tmp_path / "triton", train__loss="triton", **common)],
+                  nproc=2, env_extra={"TRITON_INTERPRET": "1"})
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    for a, b in zip(_losses(tmp_path / "torch"), _losses(tmp_path / "triton")):
+        assert abs(a - b) / a <= 1e-5
