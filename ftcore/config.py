@@ -68,6 +68,7 @@ class DataConfig:
     batching: str = "pad"          # pad | bucket | pack
     chat_format: str = "chatml"    # chatml | llama3 (for chat `messages` data)
     max_records: int = 0           # 0 = all
+    paraphrases: bool = True       # train built-in tasks on several instruction wordings (held-out ones stay unseen)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 

@@ -34,7 +34,7 @@ import torch
 
 from ftcore.reviews import generate_reviews
 from ftcore.templates import DERIVED_FROM, MissingField, Template, TemplateError, heldout_templates, \
-    resolve_templates
+    resolve_templates, training_variants
 
 IGNORE_INDEX = -100
 _PRIVATE = ("record_id", "_where")  # keys the loader adds to every record
@@ -266,11 +266,12 @@ def render_record(record: dict, template: Template | None = None, chat_format: s
 
 def render_records(records: list[dict], templates: list[tuple[Template, float]], chat_format: str = "chatml",
                    missing_field: str = "skip", skipped: dict[str, int] | None = None,
-                   rng: random.Random | None = None) -> list[Rendered]:
+                   rng: random.Random | None = None, paraphrases: bool = False) -> list[Rendered]:
     """Every record with every template. With rng (training), a template of weight w renders a
     record floor(w) times plus once more with probability frac(w): weight 0.5 = a seeded half of
     the records, weight 2 = every record twice. Records in their own instruction format are
-    rendered once each. A missing field is counted in `skipped[template]` or is an error, per
+    rendered once each. With paraphrases (and rng), each copy of a built-in template is rendered
+    with the template or one of its training paraphrases, chosen by rng. A missing field is counted in `skipped[template]` or is an error, per
     missing_field; a value no derivation can use (a rating of 7) is always an error."""
     out: list[Rendered] = []
     for r in records:
@@ -281,6 +282,8 @@ def render_records(records: list[dict], templates: list[tuple[Template, float]],
                 copies = int(weight) + (rng.random() < weight - int(weight))
             if copies == 0:
                 continue
+            if rng is not None and paraphrases and template is not None:
+                template = rng.choice(training_variants(template))
             try:
                 rendered = render_record(r, template, chat_format)
             except TemplateError as e:
@@ -518,7 +521,8 @@ def prepare_datasets(cfg, tokenizer, records: list[dict] | None = None, seed: in
     for name, recs in splits.items():
         skipped: dict[str, int] = {}
         rendered = render_records(recs, templates, data_cfg.chat_format, data_cfg.missing_field, skipped,
-                                  rng=random.Random(seed) if name == "train" else None)
+                                  rng=random.Random(seed) if name == "train" else None,
+                                  paraphrases=data_cfg.paraphrases)
         counts: dict[str, int] = {}
         examples[name] = tokenize_examples(rendered, tokenizer, data_cfg.max_seq_len,
                                            data_cfg.max_completion_tokens, data_cfg.overlong, counts)

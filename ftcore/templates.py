@@ -217,6 +217,48 @@ _HELDOUT: dict[str, list[tuple[str, str]]] = {   # task -> [(prompt, completion)
     ],
 }
 
+# Training paraphrases: other wordings of the built-in instructions (other cue words too). With
+# data.paraphrases on, each training record of a built-in task is rendered with the canonical
+# template or one of these, chosen by the seeded RNG, so the model learns the task from several
+# phrasings rather than one fixed string; the held-out paraphrases above stay unseen.
+_TRAIN_PARAPHRASES: dict[str, list[tuple[str, str]]] = {
+    "rating": [
+        ("On a scale from 1 to 5, what score does this review give?\n\nReview: {text}\n\nScore:", " {rating}"),
+        ("Review: {text}\n\nHow would the author rate the product, 1 to 5? Answer:", " {rating}"),
+        ("Guess the number of stars (1-5) behind this customer review.\n\n{text}\n\nNumber of stars:",
+         " {rating}"),
+    ],
+    "sentiment": [
+        ("What is the sentiment of this review: positive, neutral or negative?\n\nReview: {text}\n\nAnswer:",
+         " {sentiment}"),
+        ("{text}\n\nIs the customer's attitude positive, neutral or negative? Attitude:", " {sentiment}"),
+        ("Label the tone of the following review (positive, neutral or negative).\n\n{text}\n\nTone:",
+         " {sentiment}"),
+    ],
+    "review": [
+        ("Title: {summary}\nStars: {stars}\n\nWrite the review{product_clause}.\n\nReview:", " {text}"),
+        ("Write what a customer who gave a {stars} rating{product_clause} might say, under the headline "
+         "\"{summary}\".\n\nText:", " {text}"),
+    ],
+    "summary": [
+        ("Write a title for this review.\n\nReview: {text}\n\nTitle:", " {summary}"),
+        ("{text}\n\nIn a few words, what is this review about? Summary:", " {summary}"),
+    ],
+}
+
+TRAIN_PARAPHRASES: dict[str, list[Template]] = {
+    task: [Template(task, p, c, BUILTIN[task].kind) for p, c in pairs]
+    for task, pairs in _TRAIN_PARAPHRASES.items()
+}
+
+
+def training_variants(template: Template) -> list[Template]:
+    """The template itself and its training paraphrases (built-in templates only)."""
+    if BUILTIN.get(template.name) is not template:
+        return [template]
+    return [template, *TRAIN_PARAPHRASES.get(template.name, [])]
+
+
 HELDOUT: dict[str, list[Template]] = {
     task: [Template(f"{task}@heldout{i + 1}", p, c, BUILTIN[task].kind) for i, (p, c) in enumerate(pairs)]
     for task, pairs in _HELDOUT.items()

@@ -133,3 +133,29 @@ def test_resolve_errors(cfg, msg):
     with pytest.raises(TemplateError, match=msg) as e:
         resolve_templates(cfg)
     assert "\n" not in str(e.value)
+
+
+def test_training_paraphrases_never_meet_the_heldout_ones():
+    import random
+
+    from ftcore.data import ensure_record_ids, render_records
+    from ftcore.reviews import generate_reviews
+    from ftcore.templates import TRAIN_PARAPHRASES, training_variants
+
+    for task, variants in TRAIN_PARAPHRASES.items():
+        assert all(v.name == task and v.kind == BUILTIN[task].kind for v in variants)
+        heldout = {h.prompt for h in HELDOUT[task]}
+        assert not heldout & {v.prompt for v in training_variants(BUILTIN[task])}
+    # user templates have no paraphrases
+    mine = Template("mine", "Q: {text}", " {rating}", "classification")
+    assert training_variants(mine) == [mine]
+
+    records = ensure_record_ids(generate_reviews(200, 0), "generated")
+    templates = [(BUILTIN["rating"], 1.0), (BUILTIN["sentiment"], 1.0)]
+    on = render_records(records, templates, rng=random.Random(0), paraphrases=True)
+    off = render_records(records, templates, rng=random.Random(0), paraphrases=False)
+    text = {str(r["record_id"]): r["text"] for r in records}
+    heads = lambda rendered: {r.prompt.replace(text[r.record_id], "{text}") for r in rendered if r.template == "rating"}
+    assert len(heads(off)) == 1 and len(heads(on)) == 1 + len(TRAIN_PARAPHRASES["rating"])
+    assert [r.template for r in on] == [r.template for r in off]  # same tasks, same completions
+    assert [r.completion for r in on] == [r.completion for r in off]
