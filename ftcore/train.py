@@ -228,6 +228,9 @@ def train(cfg: Config) -> dict:
     autocast = autocast_context(cfg, d.device)
     offload = ActivationOffload(d.device) if cfg.train.activation_offload else contextlib.nullcontext()
     sampler = StepSampler(len(datasets.train), cfg.train.global_batch_size, cfg.run.seed)
+    # per example, once: the step's global counts are then a sum of global-batch-size lookups
+    train_targets = [n_targets(ex) for ex in datasets.train]
+    train_tokens = [len(ex.input_ids) - 1 for ex in datasets.train]
 
     start_step, tokens_seen = 0, 0
     if d.is_main:
@@ -247,9 +250,10 @@ def train(cfg: Config) -> dict:
     model.train()
     for step in range(start_step, cfg.train.max_steps):
         t0 = time.perf_counter()
-        examples = [datasets.train[i] for i in sampler.indices(step)]
-        n_target = sum(n_targets(ex) for ex in examples)
-        step_tokens = sum(len(ex.input_ids) - 1 for ex in examples)
+        indices = sampler.indices(step)
+        examples = [datasets.train[i] for i in indices]
+        n_target = sum(train_targets[i] for i in indices)
+        step_tokens = sum(train_tokens[i] for i in indices)
         batches = micro_batches(examples, cfg.train.micro_batch_size, accum, d.rank, d.world_size,
                                 cfg.data.batching, tokenizer.pad_id, cfg.data.max_seq_len)
         loss_sum, grad_norm = train_step(model, optimizer, [to_device(b, d.device) for b in batches],
