@@ -69,7 +69,11 @@ def autocast_context(cfg: Config, device: torch.device):
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if device.type != "cuda":
+        return batch
+    # from pinned memory the copy is truly asynchronous (torch's caching host allocator makes the
+    # pinning cheap after the first steps); from pageable memory non_blocking would still block
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 # ------------------------------------------------------------------------------------------------
