@@ -114,11 +114,27 @@ def make_run_setup(root, n_records: int = 96, vocab_size: int = 384):
     return root
 
 
-def compile_for_gpu_or_skip(script: str) -> None:
-    """Run `script` (which builds Triton kernels with triton.compile for sm_80/sm_90 and exits 3 if
-    this triton's compile API differs) in a subprocess without TRITON_INTERPRET. The interpreter
+_COMPILE_BUILDS = """
+import sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+for kernel, sig, consts in builds:
+    try:
+        src = ASTSource(fn=kernel, signature=sig, constexprs=consts)
+    except TypeError:
+        sys.exit(3)  # another triton's compile API
+    for arch in (80, 90):
+        assert "cubin" in triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                         options=dict(num_warps=8)).asm
+"""
+
+
+def compile_for_gpu_or_skip(builds_source: str) -> None:
+    """Compile Triton kernels for sm_80 and sm_90 in a subprocess without TRITON_INTERPRET.
+    `builds_source` defines `builds = [(kernel, signature, constexprs), ...]`. The interpreter
     forgives what the compiler does not (types changing across branches, unsupported calls);
     triton's bundled ptxas catches that with no GPU."""
+    script = builds_source + _COMPILE_BUILDS
     import os
     import subprocess
     import sys
