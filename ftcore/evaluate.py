@@ -165,16 +165,18 @@ def _loss_batch(seqs: list[tuple[list[int], list[int]]], pad_id: int, device):
 
 @torch.inference_mode()
 def _loss_sum(model, seqs, pad_id: int, batch_size: int, device, bar=None) -> tuple[float, int]:
-    total, count = 0.0, 0
+    # summed on the device in float64, read once at the end: no host sync per batch
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.int64, device=device)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))  # similar lengths: less padding
     for s in range(0, len(order), batch_size):
         input_ids, targets = _loss_batch([seqs[i] for i in order[s:s + batch_size]], pad_id, device)
         loss_sum, n = model(input_ids, labels=targets)
-        total += float(loss_sum)
-        count += int(n)
+        total += loss_sum.double()
+        count += n
         if bar is not None:
             bar.update(1)
-    return total, count
+    return total.item(), int(count.item())
 
 
 def _perplexity(loss: float) -> float:

@@ -67,7 +67,8 @@ def pretrain_base(cfg: Config, out_dir: Path, device: torch.device) -> Path:
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if cfg.log.progress:
+            bar.set_postfix(loss=f"{loss.item():.3f}")  # the only sync of the step, for the bar
 
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
