@@ -64,6 +64,12 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from ftcore.plot import plot_run
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ftcore", description="instruction fine-tuning in raw PyTorch")
     sub = p.add_subparsers(dest="command", required=True)
@@ -96,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("overrides", nargs="*")
     b.add_argument("--world-size", type=int, default=1)
     b.set_defaults(fn=cmd_bench)
+
+    pl = sub.add_parser("plot", help="draw a run's loss, lr, tokens/s and memory curves (needs matplotlib)")
+    pl.add_argument("run_dir")
+    pl.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/curves.png)")
+    pl.set_defaults(fn=cmd_plot)
     return p
 
 

@@ -67,7 +67,10 @@ class DataConfig:
     missing_field: str = "skip"    # skip | error (a record lacks a field a template needs)
     batching: str = "pad"          # pad | bucket | pack
     chat_format: str = "chatml"    # chatml | llama3 (for chat `messages` data)
-    max_records: int = 0           # 0 = all
+    max_records: int = 0           # 0 = all; else the first N records of the file (before dedupe)
+    clean: str = ""                # "" | html (markup in text fields -> plain text: <br />, tags, entities)
+    dedupe: list[str] = field(default_factory=list)  # drop records equal to an earlier one on these fields
+    balance: float = 0.0           # classification training labels: 0 = as sampled ... 1 = every class equally often
     paraphrases: bool = True       # train built-in tasks on several instruction wordings (held-out ones stay unseen)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -156,6 +159,7 @@ CHOICES = {
     "data.missing_field": ("skip", "error"),
     "data.batching": ("pad", "bucket", "pack"),
     "data.chat_format": ("chatml", "llama3"),
+    "data.clean": ("", "html"),
     "model.dtype": ("float32", "bfloat16", "float16"),
 }
 
@@ -254,6 +258,8 @@ def validate(cfg: Config) -> None:
                           f"train.micro_batch_size={t.micro_batch_size}")
     if len(d.split) != 3 or any(r < 0 for r in d.split) or sum(d.split) <= 0:
         raise ConfigError(f"data.split must be three non-negative ratios (train, validation, test), got {d.split}")
+    if not 0.0 <= d.balance <= 1.0:
+        raise ConfigError(f"data.balance must be between 0 (labels as sampled) and 1 (every class equally often), got {d.balance}")
     if d.max_completion_tokens >= d.max_seq_len:
         raise ConfigError(f"data.max_completion_tokens={d.max_completion_tokens} must be < data.max_seq_len={d.max_seq_len}")
     if t.max_steps < 0:

@@ -25,6 +25,7 @@ import csv
 import json
 import math
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -32,6 +33,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from ftcore.cleaning import clean_records, dedupe
 from ftcore.reviews import generate_reviews
 from ftcore.templates import DERIVED_FROM, MissingField, Template, TemplateError, heldout_templates, \
     resolve_templates, training_variants
@@ -302,6 +304,43 @@ def render_records(records: list[dict], templates: list[tuple[Template, float]],
     return out
 
 
+def balance_classes(rendered: list[Rendered], strength: float, rng: random.Random) -> list[Rendered]:
+    """Resamples each classification template's examples so that a class of n examples gets a share
+    proportional to n^(1 - strength) of that template's examples: 0 keeps the data's skew, 1 makes
+    every class equally frequent (a class of 5 % is then drawn ~4x, one of 62 % ~0.3x for five
+    classes). The template's total stays as it was, so the task mix does not change; the copies of
+    an example are floor(w) plus one more with probability frac(w), drawn with `rng`."""
+    from ftcore.metrics import normalize_label
+    groups: dict[str, Counter] = {}
+    for r in rendered:
+        if r.kind == "classification":
+            groups.setdefault(r.template, Counter())[normalize_label(r.completion)] += 1
+    weight = {}
+    for template, counts in groups.items():
+        total = sum(counts.values())
+        mass = sum(n ** (1 - strength) for n in counts.values())
+        for label, n in counts.items():
+            weight[(template, label)] = total * n ** (1 - strength) / mass / n
+    out = []
+    for r in rendered:
+        if r.kind != "classification":
+            out.append(r)
+            continue
+        w = weight[(r.template, normalize_label(r.completion))]
+        out.extend([r] * (int(w) + (rng.random() < w - int(w))))
+    return out
+
+
+def label_counts(examples) -> dict[str, dict[str, int]]:
+    """{template: {label: examples}} of the classification examples, labels in sorted order."""
+    from ftcore.metrics import normalize_label
+    counts: dict[str, Counter] = {}
+    for e in examples:
+        if e.kind == "classification":
+            counts.setdefault(e.template, Counter())[normalize_label(e.completion)] += 1
+    return {t: dict(sorted(c.items())) for t, c in counts.items()}
+
+
 def check_fields(records: list[dict], templates: list[tuple[Template, float]], rename: dict[str, str],
                  source: str, kind: str = "field") -> None:
     """A field no record has is a configuration mistake (a missing CSV column, a misspelt rename),
@@ -481,8 +520,9 @@ def data_source(data_cfg) -> str:
     return f"synthetic reviews ({s.num_records} records, seed {s.seed})"
 
 
-def load_data_records(data_cfg) -> list[dict]:
-    """data.path, or the embedded review generator; data.rename and data.max_records applied."""
+def load_data_records(data_cfg, counts: dict | None = None) -> list[dict]:
+    """data.path, or the embedded review generator; data.max_records, data.rename, data.clean and
+    data.dedupe applied, in that order."""
     if data_cfg.path:
         records = load_records(data_cfg.path, data_cfg.format)
     else:
@@ -490,7 +530,19 @@ def load_data_records(data_cfg) -> list[dict]:
     records = ensure_record_ids(records, data_source(data_cfg))
     if data_cfg.max_records:
         records = records[:data_cfg.max_records]  # the first N, in file order
-    return apply_rename(records, data_cfg.rename)
+    return clean_and_dedupe(apply_rename(records, data_cfg.rename), data_cfg, counts)
+
+
+def clean_and_dedupe(records: list[dict], data_cfg, counts: dict | None = None) -> list[dict]:
+    """data.clean, then data.dedupe (counted in counts["duplicates_dropped"])."""
+    records = clean_records(records, data_cfg.clean)
+    for f in data_cfg.dedupe:
+        if records and not any(f in r for r in records):
+            raise DataError(f"data.dedupe: no record has a field '{f}' (after data.rename)")
+    records, dropped = dedupe(records, data_cfg.dedupe)
+    if counts is not None:
+        counts["duplicates_dropped"] = dropped
+    return records
 
 
 def prepare_datasets(cfg, tokenizer, records: list[dict] | None = None, seed: int | None = None) -> Datasets:
@@ -501,12 +553,14 @@ def prepare_datasets(cfg, tokenizer, records: list[dict] | None = None, seed: in
     source = data_source(data_cfg) if records is None else "records"
     if data_cfg.chat_format not in CHAT_FORMATS:
         raise DataError(f"data.chat_format must be one of {', '.join(CHAT_FORMATS)}, got {data_cfg.chat_format!r}")
+    counts: dict[str, int] = {}
     if records is None:
-        records = load_data_records(data_cfg)
+        records = load_data_records(data_cfg, counts)
     else:
-        records = apply_rename(ensure_record_ids(records, source), data_cfg.rename)
+        records = ensure_record_ids(records, source)
         if data_cfg.max_records:
             records = records[:data_cfg.max_records]
+        records = clean_and_dedupe(apply_rename(records, data_cfg.rename), data_cfg, counts)
     if not records:
         raise DataError(f"{source}: no records")
     templates = resolve_templates(data_cfg)  # TemplateError for an unknown name
@@ -516,20 +570,26 @@ def prepare_datasets(cfg, tokenizer, records: list[dict] | None = None, seed: in
 
     splits = dict(zip(("train", "validation", "test"), split_records(records, data_cfg.split, seed)))
     stats: dict[str, Any] = {"source": source, "seed": seed, "batching": data_cfg.batching,
-                             "max_seq_len": data_cfg.max_seq_len, "skipped_missing": {}, "splits": {}}
+                             "max_seq_len": data_cfg.max_seq_len, "skipped_missing": {}, "splits": {},
+                             "duplicates_dropped": counts.get("duplicates_dropped", 0)}
     examples = {}
     for name, recs in splits.items():
         skipped: dict[str, int] = {}
+        rng = random.Random(seed) if name == "train" else None
         rendered = render_records(recs, templates, data_cfg.chat_format, data_cfg.missing_field, skipped,
-                                  rng=random.Random(seed) if name == "train" else None,
-                                  paraphrases=data_cfg.paraphrases)
+                                  rng=rng, paraphrases=data_cfg.paraphrases)
+        if rng is not None:
+            # the data's own label distribution, before any balancing: the majority baseline's
+            stats["train_labels"] = label_counts(rendered)
+            if data_cfg.balance > 0:
+                rendered = balance_classes(rendered, data_cfg.balance, rng)
         counts: dict[str, int] = {}
         examples[name] = tokenize_examples(rendered, tokenizer, data_cfg.max_seq_len,
                                            data_cfg.max_completion_tokens, data_cfg.overlong, counts)
         for t, n in skipped.items():
             stats["skipped_missing"][t] = stats["skipped_missing"].get(t, 0) + n
         stats["splits"][name] = {"records": len(recs), **example_stats(examples[name]), **counts,
-                                 "skipped_missing": skipped}
+                                 "skipped_missing": skipped, "labels": label_counts(examples[name])}
 
     if not examples["train"]:
         s = stats["splits"]["train"]
@@ -594,6 +654,11 @@ def padding_share(lengths: list[int], mode: str, micro_batch_size: int, global_b
     return 1.0 - real / total
 
 
+def _shares(counts: dict[str, int]) -> str:
+    total = max(sum(counts.values()), 1)
+    return ", ".join(f"{k} {n / total:.0%}" for k, n in counts.items())
+
+
 def format_stats(stats: dict) -> str:
     """The table printed before training."""
     lines = [f"data: {stats['source']}, split seed {stats['seed']}, max_seq_len {stats['max_seq_len']}"]
@@ -607,6 +672,10 @@ def format_stats(stats: dict) -> str:
     if train.get("templates"):
         lines.append("  train examples per template: " +
                      ", ".join(f"{t} {n:,}" for t, n in train["templates"].items()))
+    for template, counts in stats.get("train_labels", {}).items():
+        balanced = train.get("labels", {}).get(template, counts)
+        lines.append(f"  train labels, {template}: " + _shares(counts) +
+                     (f" (balanced: {_shares(balanced)})" if balanced != counts else ""))
     if stats.get("padding_share") is not None:
         lines.append(f"  padding share (train, batching={stats['batching']}, micro-batch "
                      f"{stats['micro_batch_size']}): {stats['padding_share']:.1%}")
@@ -615,7 +684,8 @@ def format_stats(stats: dict) -> str:
     skipped = ", ".join(f"{t} {n:,}" for t, n in stats["skipped_missing"].items()) or "0"
     lines.append(f"  truncated prompts {tot['truncated_prompt']:,}, truncated completions "
                  f"{tot['truncated_completion']:,}, dropped as overlong {tot['dropped_overlong']:,}, "
-                 f"skipped for a missing field: {skipped}")
+                 f"skipped for a missing field: {skipped}" +
+                 (f", duplicate records dropped {stats['duplicates_dropped']:,}" if stats.get("duplicates_dropped") else ""))
     return "\n".join(lines)
 
 

@@ -1,151 +1,41 @@
-"""Evaluation: how much better than the base model is the fine-tuned one?
+"""Evaluation: how much better than the base model is the fine-tuned one, and than a trivial answer?
 
-Metrics (written here, no runtime dependency; tests check them against the reference libraries):
-  rouge()  ROUGE-1/2/L F1 as Google's `rouge-score` computes them (its default tokenizer, no stemming)
-  bleu()   corpus BLEU as `sacrebleu.corpus_bleu` computes it by default (13a tokenizer, exp smoothing)
-
-The driver evaluates a model per task (= template name, held-out paraphrases included): completion
-loss / perplexity (teacher forced, completion tokens only) for every task, plus a generation metric
-on greedy outputs that depends on the task's kind: accuracy of the normalised label
-(classification), ROUGE (summarization), BLEU and ROUGE-L (generation, translation). The base model
-is also evaluated k-shot (eval.shots solved training examples in the prompt). `write_report` turns
-the sections base / base_kshot / finetuned into eval.json and a markdown table.
+Per task (= template name, held-out paraphrases included) a model gets:
+  - the completion loss / perplexity, teacher forced, on completion tokens only;
+  - its greedy answer, scored by the task kind's metrics (ftcore.metrics): accuracy, macro-F1,
+    per-class recall and a confusion matrix for classification; ROUGE for summarization; BLEU and
+    ROUGE-L for generation and translation; the share of identical outputs for all;
+  - for classification also `rank_accuracy` / `rank_macro_f1`: every label of the task's label set
+    scored by the log-probability of its tokens after the prompt, the most likely one taken (how
+    evaluation harnesses score multiple choice). A base model that never produces the answer
+    format still gets a meaningful number this way.
+The base model is also evaluated k-shot (eval.shots solved training examples in the prompt, chosen
+to fit the context the model was trained on). Beside the models, `baseline_results` scores the
+trivial answers every gain must beat: the training split's majority label for classification, the
+first k words of the source text for the generative kinds.
 
     evaluate_model    one model, a list of examples -> {task: {metric: value}}
     evaluate_for_run  load a model directory, evaluate it as base (+ k-shot) or fine-tuned
+    baseline_results  the majority / lead baselines of a run's test examples
     run_eval          `ftcore eval CONFIG --model BASE_DIR --model FINETUNED_DIR`
+The report (eval.json, eval.md) is ftcore.report's.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
-import re
-import string
+import statistics
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ftcore.metrics import bleu, classification_metrics, generation_metrics, normalize_label, rouge  # noqa: F401 (re-exported)
+from ftcore.report import read_generations, write_generations, write_report  # noqa: F401 (re-exported)
+
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)
-
-# ---------------------------------------------------------------------------------------------
-# ROUGE, as rouge-score computes it
-
-# rouge-score's default tokenizer: lowercase, every run of characters outside [a-z0-9] becomes a
-# space, split. (Non-ASCII letters are therefore separators, as in the original ROUGE-1.5.5.)
-_ROUGE_SEPARATORS = re.compile(r"[^a-z0-9]+")
-
-
-def _rouge_tokens(text: str) -> list[str]:
-    return _ROUGE_SEPARATORS.sub(" ", text.lower()).split()
-
-
-def _f1(precision: float, recall: float) -> float:
-    return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
-
-
-def _ngrams(tokens: list[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
-
-
-def _rouge_n(ref: list[str], hyp: list[str], n: int) -> float:
-    r, h = _ngrams(ref, n), _ngrams(hyp, n)
-    overlap = sum((r & h).values())  # clipped counts: min(count in ref, count in hyp) per n-gram
-    # max(.., 1): an empty side gives precision/recall 0 rather than a division by zero
-    return _f1(overlap / max(sum(h.values()), 1), overlap / max(sum(r.values()), 1))
-
-
-def _lcs_length(a: list[str], b: list[str]) -> int:
-    # one row of the classic dynamic programme at a time: O(len(a)·len(b)) time, O(len(b)) memory
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
-
-
-def _rouge_l(ref: list[str], hyp: list[str]) -> float:
-    if not ref or not hyp:
-        return 0.0
-    lcs = _lcs_length(ref, hyp)
-    return _f1(lcs / len(hyp), lcs / len(ref))
-
-
-def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Mean over pairs of each pair's ROUGE-1, ROUGE-2 and ROUGE-L F1 (0-1), no stemming."""
-    if len(predictions) != len(references):
-        raise ValueError(f"rouge: {len(predictions)} predictions vs {len(references)} references")
-    totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
-    for pred, ref in zip(predictions, references):
-        p, r = _rouge_tokens(pred), _rouge_tokens(ref)
-        totals["rouge1"] += _rouge_n(r, p, 1)
-        totals["rouge2"] += _rouge_n(r, p, 2)
-        totals["rougeL"] += _rouge_l(r, p)
-    n = max(len(predictions), 1)
-    return {k: v / n for k, v in totals.items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# BLEU, as sacrebleu computes it by default
-
-# sacrebleu's "13a" tokenizer (mteval-v13a.pl, the WMT standard), applied in this order:
-_BLEU_RULES = [
-    # most ASCII punctuation and symbols become separate tokens ({|}~ [\]^_` space-& (-+ :-@ /)
-    (re.compile(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])"), r" \1 "),
-    # period and comma are split off unless they sit between digits (3.14, 1,000 stay whole)
-    (re.compile(r"([^0-9])([\.,])"), r"\1 \2 "),
-    (re.compile(r"([\.,])([^0-9])"), r" \1 \2"),
-    # a dash after a digit is split off (2-3 -> 2 - 3)
-    (re.compile(r"([0-9])(-)"), r"\1 \2 "),
-]
-
-
-def _bleu_tokens(line: str) -> list[str]:
-    line = line.rstrip()
-    line = line.replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
-    if "&" in line:  # undo the XML escapes mteval's input format used
-        line = line.replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")
-    line = f" {line} "  # the rules look at the characters around punctuation: pad both ends
-    for pattern, repl in _BLEU_RULES:
-        line = pattern.sub(repl, line)
-    return line.split()
-
-
-def bleu(predictions: list[str], references: list[str], max_order: int = 4) -> float:
-    """Corpus BLEU (0-100) with one reference per prediction: sacrebleu's default definition
-    (13a tokenizer, case-sensitive, 'exp' smoothing, brevity penalty over the whole corpus)."""
-    if len(predictions) != len(references):
-        raise ValueError(f"bleu: {len(predictions)} predictions vs {len(references)} references")
-    correct, total = [0] * max_order, [0] * max_order
-    hyp_len = ref_len = 0
-    for pred, ref in zip(predictions, references):
-        h, r = _bleu_tokens(pred), _bleu_tokens(ref)
-        hyp_len, ref_len = hyp_len + len(h), ref_len + len(r)
-        for n in range(1, max_order + 1):
-            hn, rn = _ngrams(h, n), _ngrams(r, n)
-            total[n - 1] += sum(hn.values())
-            correct[n - 1] += sum((hn & rn).values())
-    if not any(correct):
-        return 0.0
-    bp = 1.0 if hyp_len >= ref_len else (math.exp(1 - ref_len / hyp_len) if hyp_len > 0 else 0.0)
-    # 'exp' smoothing (NIST / mteval): the k-th order with no match counts as 1 / (2^k · total)
-    precisions, smooth = [0.0] * max_order, 1.0
-    for n in range(max_order):
-        if total[n] == 0:  # hypotheses too short for this order: precision stays 0, BLEU is 0
-            break
-        if correct[n] == 0:
-            smooth *= 2
-            precisions[n] = 100.0 / (smooth * total[n])
-        else:
-            precisions[n] = 100.0 * correct[n] / total[n]
-    if min(precisions) == 0.0:
-        return 0.0
-    return bp * math.exp(sum(math.log(p) for p in precisions) / max_order)
-
+MAX_RANKED_LABELS = 64  # a "classification" task with more distinct answers is not ranked
 
 # ---------------------------------------------------------------------------------------------
 # teacher-forced completion loss
@@ -193,33 +83,85 @@ def completion_loss(model, examples, pad_id: int, batch_size: int, device) -> tu
 
 
 # ---------------------------------------------------------------------------------------------
-# generation metrics
+# label sets and rank classification
 
-_PUNCT = str.maketrans("", "", string.punctuation)
-
-
-def normalize_label(text: str) -> str:
-    """A classification answer as compared: its first non-empty line, lowercased, without
-    punctuation, whitespace collapsed (' Positive.' == 'positive')."""
-    line = text.strip().split("\n", 1)[0]
-    return " ".join(line.lower().translate(_PUNCT).split())
-
-
-def accuracy(predictions: list[str], references: list[str]) -> float:
-    hits = sum(normalize_label(p) == normalize_label(r) for p, r in zip(predictions, references))
-    return hits / max(len(references), 1)
+@dataclass
+class LabelSet:
+    """A classification task's answers: normalised names (what metrics compare), the completion
+    text and token ids each is written as (its most common form in the examples it came from)."""
+    names: list[str]
+    texts: list[str]
+    ids: list[list[int]]
 
 
-def generation_metrics(kind: str, predictions: list[str], references: list[str]) -> dict[str, float]:
-    predictions = [p.strip() for p in predictions]
-    references = [r.strip() for r in references]
-    if kind == "classification":
-        return {"accuracy": accuracy(predictions, references)}
-    if kind == "summarization":
-        return rouge(predictions, references)
-    if kind in ("generation", "translation"):
-        return {"bleu": bleu(predictions, references), "rougeL": rouge(predictions, references)["rougeL"]}
-    raise ValueError(f"unknown task kind {kind!r} (classification | generation | summarization | translation)")
+def _natural(name: str):
+    return (0, int(name), "") if name.isdigit() else (1, 0, name)  # "2" before "10"
+
+
+def label_sets(examples, eos_ids) -> dict[str, LabelSet]:
+    """{task: LabelSet} of the classification examples' completions, per task (held-out paraphrases
+    share their task's labels). Tasks with more than MAX_RANKED_LABELS labels are left out."""
+    eos = set(eos_ids)
+    forms: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
+    for ex in examples:
+        name = normalize_label(ex.completion)
+        if ex.kind != "classification" or not name:
+            continue
+        ids = ex.input_ids[ex.prompt_len:]
+        if ids and ids[-1] in eos:
+            ids = ids[:-1]
+        if ids:
+            forms[ex.task][name][(ex.completion, tuple(ids))] += 1
+    out = {}
+    for task, by_name in forms.items():
+        if len(by_name) > MAX_RANKED_LABELS:
+            continue
+        names = sorted(by_name, key=_natural)
+        best = [by_name[n].most_common(1)[0][0] for n in names]
+        out[task] = LabelSet(names, [t for t, _ in best], [list(i) for _, i in best])
+    return out
+
+
+@torch.inference_mode()
+def label_logprobs(model, prompts: list[list[int]], candidates: list[list[int]], pad_id: int,
+                   batch_size: int, bar=None) -> torch.Tensor:
+    """(len(prompts), len(candidates)) float64: log P(candidate tokens | prompt) under the model,
+    summed over the candidate's tokens. Each batch of prompts is run once into a KV cache; every
+    candidate then continues from it (the cache is rewound between candidates), so a candidate of
+    n tokens costs n - 1 extra positions, and a one-token candidate none."""
+    from ftcore.generate import left_pad
+
+    device = next(model.parameters()).device
+    longest = max(len(c) for c in candidates)
+    out = torch.empty(len(prompts), len(candidates), dtype=torch.float64)
+    for s in range(0, len(prompts), batch_size):
+        ids, mask = left_pad(prompts[s:s + batch_size], pad_id, device)
+        B, L = ids.shape
+        cache = model.new_kv_cache(B, L + longest - 1, device=device)
+        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        first = model(ids, position_ids=position_ids, kv_cache=cache, attention_mask=mask)[:, -1]
+        first = first.float().log_softmax(-1)
+        next_pos = mask.sum(-1, keepdim=True)
+        for c, cand in enumerate(candidates):
+            score = first[:, cand[0]].double()
+            if len(cand) > 1:
+                cache.length = L  # rewind: the candidate's tokens overwrite the previous one's
+                rest = torch.tensor(cand, device=device)
+                logits = model(rest[None, :-1].expand(B, -1), kv_cache=cache,
+                               position_ids=next_pos + torch.arange(len(cand) - 1, device=device))
+                lp = logits.float().log_softmax(-1).gather(-1, rest[None, 1:, None].expand(B, -1, 1))
+                score = score + lp.squeeze(-1).double().sum(-1)
+            out[s:s + B, c] = score.cpu()
+        if bar is not None:
+            bar.update(1)
+    return out
+
+
+def rank_classify(model, prompts: list[list[int]], label_set: LabelSet, pad_id: int, batch_size: int,
+                  bar=None) -> list[str]:
+    """The most likely label (its normalised name) after each prompt."""
+    scores = label_logprobs(model, prompts, label_set.ids, pad_id, batch_size, bar)
+    return [label_set.names[i] for i in scores.argmax(-1).tolist()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,12 +178,15 @@ def group_by_task(examples, max_examples: int = 0) -> dict[str, list]:
 
 
 class _ShotBuilder:
-    """k-shot prompts: k solved examples of the same task (prompt + completion, drawn with a seeded
-    RNG from the training split) before the test example, separated by a blank line.
+    """k-shot prompts: up to k solved examples of the same task (prompt + completion, from the
+    training split) before the test example, separated by a blank line.
 
-    The test example's own tokens stay exactly as in zero-shot (only its bos moves to the front), so
-    the difference between the two measures the context alone. The loss is also computed with the
-    shots in context (still on the test completion only): in-context learning lowers it too."""
+    The shots must fit the context the model was trained on (`max_len`) together with the test
+    example and the room its answer needs: candidates are drawn in a seeded random order and taken
+    while they fit, so a long test prompt gets shorter or fewer shots; how many it got is returned,
+    and the report says when it was fewer than k. The test example's own tokens stay exactly as in
+    zero-shot (only its bos moves to the front), so the difference between the two measures the
+    context alone. The loss is also computed with the shots in context (on the test completion only)."""
 
     def __init__(self, tokenizer, pool, k: int, max_len: int, seed: int):
         self.k, self.max_len, self.rng = k, max_len, random.Random(seed)
@@ -257,21 +202,27 @@ class _ShotBuilder:
         end = len(ids) - 1 if ids and ids[-1] in self.eos else len(ids)
         return ids[start:end]
 
-    def __call__(self, ex, room_for_new: int) -> tuple[list[int], list[int], int]:
-        """(input_ids, labels, prompt_len) of `ex` with up to k shots in front."""
+    def __call__(self, ex, room_for_new: int) -> tuple[list[int], list[int], int, int]:
+        """(input_ids, labels, prompt_len, shots used) of `ex` with up to k shots in front."""
         # held-out paraphrases ("rating@heldout1") have no training examples of their own unless the
         # pool was rendered with them too: fall back to the training template's examples
-        candidates = [s for s in (self.pool.get(ex.template) or self.pool.get(ex.template.split("@")[0], []))
-                      if s.record_id != ex.record_id]
-        shots = self.rng.sample(candidates, min(self.k, len(candidates)))
+        pool = self.pool.get(ex.template) or self.pool.get(ex.task, [])
+        # a bounded seeded draw, so a large pool costs no more than a small one
+        drawn = self.rng.sample(pool, min(len(pool), 8 * self.k))
         has_bos = self.bos is not None and ex.input_ids[:1] == [self.bos]
         head, ids, labels = [self.bos] if has_bos else [], ex.input_ids[int(has_bos):], ex.labels[int(has_bos):]
-        bodies = [self._strip(s.input_ids) + self.sep for s in shots]
-        # drop shots while the whole sequence would not fit the model's positions
-        while bodies and len(head) + sum(map(len, bodies)) + len(ids) + room_for_new > self.max_len:
-            bodies.pop()
+        room = self.max_len - len(head) - len(ids) - room_for_new
+        bodies = []
+        for shot in drawn:
+            if len(bodies) == self.k:
+                break
+            body = self._strip(shot.input_ids) + self.sep
+            if shot.record_id != ex.record_id and len(body) <= room:
+                bodies.append(body)
+                room -= len(body)
         context = head + [t for b in bodies for t in b]
-        return context + ids, [IGNORE_INDEX] * len(context) + labels, len(context) + ex.prompt_len - int(has_bos)
+        return (context + ids, [IGNORE_INDEX] * len(context) + labels,
+                len(context) + ex.prompt_len - int(has_bos), len(bodies))
 
 
 def _generate_batched(model, prompts, max_new_tokens, eos_ids, pad_id, batch_size, bar=None):
@@ -288,21 +239,31 @@ def _generate_batched(model, prompts, max_new_tokens, eos_ids, pad_id, batch_siz
     return out
 
 
+# an answer longer than the longest label by more than a few tokens (a space, a newline, a full
+# stop) cannot normalise to a label: decoding further only costs time
+_LABEL_SLACK_TOKENS = 4
+
+
 def evaluate_model(model, tokenizer, examples, eval_cfg, device, shots_pool=None,
-                   outputs: dict | None = None, seed: int = 0, progress: bool = True) -> dict[str, dict[str, float]]:
+                   outputs: dict | None = None, seed: int = 0, progress: bool = True,
+                   label_pool=None, context_len: int | None = None) -> dict[str, dict]:
     """{task: {metric: value}} for one model. Per task (= template): loss and perplexity of the
-    completions (teacher forced), the mean prompt length in tokens, and the kind's generation
-    metric on greedy outputs. With shots_pool and eval_cfg.shots = k > 0, every prompt gets k
-    in-context examples from the pool (the k-shot baseline). If `outputs` is a dict, it receives
-    {task: [{"prompt", "reference", "output"}]} for the report's side-by-side samples."""
+    completions (teacher forced), the mean prompt length in tokens, the kind's metrics on greedy
+    outputs, and for classification the rank_* metrics over the task's label set, taken from
+    `label_pool` (the training split; default: `examples`). With shots_pool and eval_cfg.shots =
+    k > 0, every prompt gets up to k in-context examples from the pool, fitted into context_len
+    (default: the model's max_position_embeddings); `shots` is then the mean number used. If
+    `outputs` is a dict, it receives {task: [{"prompt", "reference", "output"}]}."""
     from tqdm import tqdm
 
     tasks = group_by_task(examples, eval_cfg.max_examples)
+    labels = label_sets(label_pool if label_pool is not None else examples, tokenizer.eos_ids)
     bs, max_new = eval_cfg.batch_size, eval_cfg.max_new_tokens
     shots = None
     if shots_pool is not None and eval_cfg.shots > 0:
-        shots = _ShotBuilder(tokenizer, shots_pool, eval_cfg.shots, model.config.max_position_embeddings, seed)
-    n_batches = sum(2 * math.ceil(len(exs) / bs) for exs in tasks.values())  # loss + generation
+        shots = _ShotBuilder(tokenizer, shots_pool, eval_cfg.shots,
+                             context_len or model.config.max_position_embeddings, seed)
+    n_batches = sum((2 + (exs[0].task in labels)) * math.ceil(len(exs) / bs) for exs in tasks.values())
     bar = tqdm(total=n_batches, desc="eval" + (f" {eval_cfg.shots}-shot" if shots else ""),
                unit="batch", disable=not progress)
     was_training = model.training
@@ -313,20 +274,31 @@ def evaluate_model(model, tokenizer, examples, eval_cfg, device, shots_pool=None
             kinds = {e.kind for e in exs}
             if len(kinds) != 1:
                 raise ValueError(f"task {task!r} mixes kinds {sorted(kinds)}")
-            seqs = [shots(e, max_new) if shots else (e.input_ids, e.labels, e.prompt_len) for e in exs]
-            total, n = _loss_sum(model, [(ids, labels) for ids, labels, _ in seqs], tokenizer.pad_id, bs, device, bar)
+            kind = kinds.pop()
+            label_set = labels.get(exs[0].task) if kind == "classification" else None
+            new_tokens = max_new if label_set is None else \
+                min(max_new, max(map(len, label_set.ids)) + _LABEL_SLACK_TOKENS)
+            seqs = [shots(e, new_tokens) if shots else (e.input_ids, e.labels, e.prompt_len, 0) for e in exs]
+            total, n = _loss_sum(model, [(ids, labs) for ids, labs, _, _ in seqs], tokenizer.pad_id, bs, device, bar)
             # the prompt as data.py cut it to fit (bos included, and the shots in k-shot)
-            prompts = [ids[:prompt_len] for ids, _, prompt_len in seqs]
-            generated = _generate_batched(model, prompts, max_new, tokenizer.eos_ids, tokenizer.pad_id, bs, bar)
+            prompts = [ids[:prompt_len] for ids, _, prompt_len, _ in seqs]
+            generated = _generate_batched(model, prompts, new_tokens, tokenizer.eos_ids, tokenizer.pad_id, bs, bar)
             predictions = [tokenizer.decode(g) for g in generated]
+            references = [e.completion for e in exs]
             loss = total / n if n else float("nan")
-            results[task] = {
-                **generation_metrics(kinds.pop(), predictions, [e.completion for e in exs]),
-                "loss": loss,
-                "perplexity": _perplexity(loss),
-                "prompt_tokens": sum(map(len, prompts)) / len(prompts),  # the price of k shots
-                "examples": len(exs),
-            }
+            m = generation_metrics(kind, predictions, references, label_set.names if label_set else None)
+            if label_set is not None:
+                ranked = rank_classify(model, prompts, label_set, tokenizer.pad_id, bs, bar)
+                r = classification_metrics(ranked, references, label_set.names)
+                m.update(rank_accuracy=r["accuracy"], rank_macro_f1=r["macro_f1"])
+            m.update(loss=loss, perplexity=_perplexity(loss),
+                     prompt_tokens=sum(map(len, prompts)) / len(prompts),  # the price of k shots
+                     examples=len(exs))
+            if shots:
+                used = [k for *_, k in seqs]
+                m.update(shots=sum(used) / len(used),
+                         short_of_shots=sum(k < eval_cfg.shots for k in used) / len(used))
+            results[task] = m
             if outputs is not None:
                 outputs[task] = [{"prompt": e.prompt, "reference": e.completion, "output": p}
                                  for e, p in zip(exs, predictions)]
@@ -337,122 +309,57 @@ def evaluate_model(model, tokenizer, examples, eval_cfg, device, shots_pool=None
 
 
 # ---------------------------------------------------------------------------------------------
-# the report: eval.json + eval.md
+# trivial baselines: the majority answer, the lead of the source
 
-SECTIONS = ("base", "base_kshot", "finetuned")
-_TITLES = {"base": "base", "base_kshot": "base k-shot", "finetuned": "fine-tuned"}
+def lead_source(record: dict, template) -> str:
+    """The text a lead baseline copies from: the longest of the record's own fields the prompt
+    shows (the review text for rating / summary prompts, the title for review writing); for a
+    record in its own instruction format, its input (Alpaca), prompt, or last user turn."""
+    from ftcore.data import record_format
+    from ftcore.templates import DERIVATIONS
 
-
-def pick_samples(outputs: dict[str, dict[str, list[dict]]], per_task: int) -> list[dict]:
-    """Side-by-side samples from evaluate_model's `outputs` of several sections
-    ({section: {task: [...]}}): the first `per_task` examples of every task, as
-    [{"task", "prompt", "reference", "outputs": {section: text}}]."""
-    samples = []
-    tasks = list(dict.fromkeys(t for sec in outputs.values() for t in sec))
-    for task in tasks:
-        for i in range(per_task):
-            rows = {s: o[task][i] for s, o in outputs.items() if task in o and i < len(o[task])}
-            if not rows:
-                break
-            first = next(iter(rows.values()))
-            samples.append({"task": task, "prompt": first["prompt"], "reference": first["reference"],
-                            "outputs": {s: r["output"] for s, r in rows.items()}})
-    return samples
-
-
-def _fmt(metric: str, v) -> str:
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    if metric == "examples" or isinstance(v, int):
-        return f"{v:.0f}"
-    if metric in ("prompt_tokens", "bleu") or abs(v) >= 100:  # tokens, BLEU 0-100, large perplexities
-        return f"{v:.2f}"
-    return f"{v:.4f}"
+    fmt = record_format(record)
+    if fmt == "instruction":
+        return str(record.get("input") or record.get("instruction") or "")
+    if fmt == "prompt_completion":
+        return str(record.get("prompt") or "")
+    if fmt == "chat":
+        users = [m.get("content", m.get("value", "")) for m in record["messages"]
+                 if isinstance(m, dict) and m.get("role", m.get("from")) in ("user", "human")]
+        return str(users[-1]) if users else ""
+    values = [str(record[f]) for f in (template.prompt_fields if template is not None else [])
+              if f not in DERIVATIONS and record.get(f) not in (None, "")]
+    return max(values, key=len, default="")
 
 
-def _cell(text: str) -> str:
-    return text.strip().replace("|", "\\|").replace("\n", "<br>") or "*(empty)*"
-
-
-def format_report(results: dict, samples=(), shots: int | None = None) -> str:
-    sections = [s for s in SECTIONS if s in results] + [s for s in results if s not in SECTIONS]
-    titles = {s: _TITLES.get(s, s) for s in sections}
-    if shots and "base_kshot" in titles:
-        titles["base_kshot"] = f"base {shots}-shot"
-    diff = "base" in results and "finetuned" in results
-    lines = ["# Evaluation", ""]
-    if diff:
-        lines += ["Δ = fine-tuned − base. Accuracy and ROUGE are 0-1, BLEU 0-100; lower is better for "
-                  "loss and perplexity. `prompt_tokens` is the mean prompt length (the cost of k shots).", ""]
-    tasks = list(dict.fromkeys(t for s in sections for t in results[s]))
-    for task in tasks:
-        metrics = list(dict.fromkeys(m for s in sections for m in results[s].get(task, {})))
-        head = ["metric"] + [titles[s] for s in sections] + (["Δ"] if diff else [])
-        lines += [f"## {task}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for m in metrics:
-            vals = [results[s].get(task, {}).get(m) for s in sections]
-            row = [m] + ["–" if v is None else _fmt(m, v) for v in vals]
-            if diff:
-                b, f = results["base"].get(task, {}).get(m), results["finetuned"].get(task, {}).get(m)
-                row.append("–" if b is None or f is None or m in ("examples", "prompt_tokens")
-                           else ("+" if f >= b else "") + _fmt(m, f - b))
-            lines.append("| " + " | ".join(row) + " |")
-        lines.append("")
-    if samples:
-        lines += ["## Example generations", ""]
-        seen: Counter = Counter()
-        for smp in samples:
-            seen[smp["task"]] += 1
-            secs = [s for s in sections if s in smp["outputs"]] + [s for s in smp["outputs"] if s not in sections]
-            lines += [f"### {smp['task']}, example {seen[smp['task']]}", "", "Prompt:", "", "```text", smp["prompt"].strip(), "```", "",
-                      "| reference | " + " | ".join(titles.get(s, s) for s in secs) + " |",
-                      "|" + "---|" * (len(secs) + 1),
-                      "| " + " | ".join(_cell(t) for t in [smp["reference"]] + [smp["outputs"][s] for s in secs]) + " |",
-                      ""]
-    return "\n".join(lines)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-
-
-def write_generations(run_dir, section: str, outputs: dict[str, list[dict]]) -> None:
-    """Every generation of one section as RUN_DIR/generations/SECTION.jsonl ({task, prompt,
-    reference, output} per line): for reading by eye, and so a resumed run's report still shows
-    the base model's outputs next to the fine-tuned ones."""
-    path = Path(run_dir) / "generations" / f"{section}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({"task": task, **row}, ensure_ascii=False) for task, rows in outputs.items() for row in rows]
-    _write_atomic(path, "".join(line + "\n" for line in lines))
-
-
-def read_generations(run_dir, sections) -> dict[str, dict[str, list[dict]]]:
-    out: dict[str, dict[str, list[dict]]] = {}
-    for section in sections:
-        path = Path(run_dir) / "generations" / f"{section}.jsonl"
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                row = json.loads(line)
-                out.setdefault(section, {}).setdefault(row.pop("task"), []).append(row)
+def baseline_results(examples, train_examples, records: dict[str, dict], templates: dict,
+                     max_examples: int = 0, train_labels: dict[str, dict[str, int]] | None = None) -> dict[str, dict]:
+    """{task: metrics} of the trivial answers, on the same test examples as the models.
+    classification: the majority label of the task's training examples, for every example
+    (`majority_answer`; rank_* equal the plain metrics, since it ranks nothing).
+    summarization / generation / translation: the first k words of lead_source, k the median
+    word count of the task's training completions (`lead_words`). records: record_id -> record;
+    templates: name -> Template; train_labels: {task: {label: count}} of the training split as the
+    data has it (before data.balance resampled it), else counted in train_examples."""
+    train_by_task: dict[str, list] = defaultdict(list)
+    for ex in train_examples:
+        train_by_task[ex.task].append(ex)
+    out = {}
+    for task, exs in group_by_task(examples, max_examples).items():
+        kind, pool = exs[0].kind, train_by_task.get(exs[0].task) or exs
+        references = [e.completion for e in exs]
+        if kind == "classification":
+            counts = Counter((train_labels or {}).get(exs[0].task) or [normalize_label(e.completion) for e in pool])
+            majority = counts.most_common(1)[0][0]
+            m = generation_metrics(kind, [majority] * len(exs), references, sorted(counts, key=_natural))
+            m.update(rank_accuracy=m["accuracy"], rank_macro_f1=m["macro_f1"], majority_answer=majority)
+        else:
+            k = max(1, round(statistics.median(len(e.completion.split()) for e in pool)))
+            leads = [" ".join(lead_source(records.get(e.record_id, {}), templates.get(e.template)).split()[:k])
+                     for e in exs]
+            m = {**generation_metrics(kind, leads, references), "lead_words": k}
+        out[task] = {**m, "examples": len(exs)}
     return out
-
-
-def write_report(run_dir, results: dict, samples=None, n_samples: int = 3, shots: int | None = None) -> str:
-    """Writes RUN_DIR/eval.json ({section: {task: {metric: value}}}, sections base / base_kshot /
-    finetuned as present) and RUN_DIR/eval.md; returns the markdown. samples=None takes the first
-    n_samples generations per task from RUN_DIR/generations/ (see evaluate_for_run)."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ordered = {s: results[s] for s in SECTIONS if s in results}
-    ordered.update({s: v for s, v in results.items() if s not in ordered})
-    if samples is None:
-        samples = pick_samples(read_generations(run_dir, ordered), n_samples)
-    _write_atomic(run_dir / "eval.json", json.dumps(ordered, indent=2) + "\n")
-    md = format_report(ordered, samples, shots)
-    _write_atomic(run_dir / "eval.md", md)
-    return md
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,6 +382,18 @@ def eval_examples(cfg, tokenizer, datasets) -> tuple[list, list]:
     return test, pool
 
 
+def baseline_for_run(cfg, tokenizer, datasets) -> dict[str, dict]:
+    """{"baseline": baseline_results(...)} for a run's test examples (held-out paraphrases included)."""
+    from ftcore.templates import HELDOUT, available_templates
+
+    test, _ = eval_examples(cfg, tokenizer, datasets)
+    templates = available_templates(cfg.data.user_templates)
+    templates.update({t.name: t for ts in HELDOUT.values() for t in ts})
+    records = {r["record_id"]: r for r in datasets.records.get("test", [])}
+    return {"baseline": baseline_results(test, datasets.train, records, templates, cfg.eval.max_examples,
+                                         datasets.stats.get("train_labels"))}
+
+
 def evaluate_for_run(cfg, model_dir, tokenizer, datasets, device, base: bool,
                      section: str | None = None) -> dict[str, dict]:
     """Loads the model in model_dir (plain, unsharded, on `device`) and evaluates it:
@@ -493,7 +412,8 @@ def evaluate_for_run(cfg, model_dir, tokenizer, datasets, device, base: bool,
         print(f"evaluating {model_dir} ({name.replace('kshot', f'{cfg.eval.shots}-shot')})", flush=True)
         outputs: dict = {}
         results[name] = evaluate_model(model, tokenizer, test, cfg.eval, device, shots_pool=shots_pool,
-                                       outputs=outputs, seed=cfg.run.seed, progress=cfg.log.progress)
+                                       outputs=outputs, seed=cfg.run.seed, progress=cfg.log.progress,
+                                       label_pool=datasets.train)
         write_generations(cfg.run.dir, name, outputs)
     del model
     return results
@@ -501,8 +421,9 @@ def evaluate_for_run(cfg, model_dir, tokenizer, datasets, device, base: bool,
 
 def run_eval(cfg, model_dirs: list[str], device=None) -> dict:
     """`ftcore eval CONFIG --model BASE_DIR --model FINETUNED_DIR`: both models on the test split
-    (and held-out paraphrases), the base also k-shot with eval.shots; writes eval.json/eval.md to
-    run.dir and prints the report. A single --model is reported as "finetuned"."""
+    (and held-out paraphrases), the base also k-shot with eval.shots, beside the trivial baselines;
+    writes eval.json/eval.md to run.dir and prints the report. A single --model is reported as
+    "finetuned"."""
     from ftcore.config import ConfigError
     from ftcore.data import prepare_datasets
     from ftcore.parallel import pick_device
@@ -517,7 +438,7 @@ def run_eval(cfg, model_dirs: list[str], device=None) -> dict:
     device = torch.device(device) if device is not None else pick_device(cfg.train.device)
     tokenizer = Tokenizer.from_dir(model_dirs[0])
     datasets = prepare_datasets(cfg, tokenizer)
-    results = {}
+    results = baseline_for_run(cfg, tokenizer, datasets)
     if len(model_dirs) == 2:
         results.update(evaluate_for_run(cfg, model_dirs[0], tokenizer, datasets, device, base=True))
     results.update(evaluate_for_run(cfg, model_dirs[-1], tokenizer, datasets, device, base=False))

@@ -41,9 +41,11 @@ def pretrain_base(cfg: Config, out_dir: Path, device: torch.device) -> Path:
     stream = token_stream(texts, tok)
     print(f"pretraining a base model: {len(texts)} texts, {len(stream):,} tokens, vocab {tok.vocab_size}", flush=True)
 
+    # max_position_embeddings = the longest sequence it is trained on (pretraining or fine-tuning):
+    # evaluation fits k-shot prompts into it
     mcfg = ModelConfig(model_type="llama", vocab_size=tok.vocab_size, hidden_size=p.hidden_size,
                        intermediate_size=p.intermediate_size, num_layers=p.num_layers, num_heads=p.num_heads,
-                       num_kv_heads=p.num_kv_heads, max_position_embeddings=max(p.seq_len, cfg.data.max_seq_len) * 2,
+                       num_kv_heads=p.num_kv_heads, max_position_embeddings=max(p.seq_len, cfg.data.max_seq_len),
                        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
                        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     torch.manual_seed(cfg.run.seed)

@@ -153,6 +153,11 @@ class Template:
         return {p[0] for p in self._prompt_parts + self._completion_parts if isinstance(p, tuple)}
 
     @property
+    def prompt_fields(self) -> list[str]:
+        """The fields the prompt shows, in order of first appearance."""
+        return list(dict.fromkeys(p[0] for p in self._prompt_parts if isinstance(p, tuple)))
+
+    @property
     def task(self) -> str:
         """'rating' for 'rating' and for its paraphrase 'rating@heldout1'."""
         return self.name.split("@", 1)[0]

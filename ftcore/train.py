@@ -205,7 +205,11 @@ def train(cfg: Config) -> dict:
         (run_dir / "config.toml").write_text(to_toml(cfg))
     barrier(d)
 
+    phase_s: dict[str, float] = {}  # wall time per phase, printed at the end
+    t_phase = t_start = time.perf_counter()
     base_dir = prepare_base(cfg, run_dir, d)
+    if not cfg.model.path:
+        phase_s["pretrain"] = time.perf_counter() - t_phase
     tokenizer = Tokenizer.from_dir(base_dir)
     datasets = prepare_datasets(cfg, tokenizer)
     if d.is_main:
@@ -214,9 +218,10 @@ def train(cfg: Config) -> dict:
     ckpt_root = run_dir / "checkpoints"
     resume_from = ckpt.latest_checkpoint(ckpt_root) if cfg.train.resume == "auto" else None
 
-    from ftcore.evaluate import evaluate_for_run, write_report
-    results: dict = {}
+    from ftcore.evaluate import baseline_for_run, evaluate_for_run, write_report
+    results: dict = baseline_for_run(cfg, tokenizer, datasets) if d.is_main and (cfg.eval.base or cfg.eval.final) else {}
     base_results_path = run_dir / "eval_base.json"
+    t_phase = time.perf_counter()
     if cfg.eval.base:
         if d.is_main:
             if resume_from is not None and base_results_path.is_file():  # a resumed run does not evaluate the base twice
@@ -226,6 +231,8 @@ def train(cfg: Config) -> dict:
                 _write_json(base_results_path, results)
         barrier(d)
 
+    phase_s["base eval"] = time.perf_counter() - t_phase
+    t_phase = time.perf_counter()
     model = build_model(cfg, base_dir, d)
     reduce_scale = grad_scale_for_reduction(d, use_fsdp(cfg, d.world_size))
     optimizer, scheduler = build_optimizer(model, cfg, d.device)
@@ -298,16 +305,33 @@ def train(cfg: Config) -> dict:
         bar.update(1)
     bar.close()
 
+    phase_s["fine-tune"] = time.perf_counter() - t_phase
+    t_phase = time.perf_counter()
     final_dir = run_dir / "final"
     if cfg.checkpoint.export_final or cfg.eval.final:
         ckpt.export_hf(model, final_dir, d, tokenizer)
     if cfg.eval.final and d.is_main:
         results.update(evaluate_for_run(cfg, final_dir, tokenizer, datasets, d.device, base=False))
+    phase_s["export + final eval"] = time.perf_counter() - t_phase
+    if d.is_main and cfg.train.max_steps > 0:
+        draw_curves(run_dir)
     if d.is_main and results:
         report = write_report(run_dir, results, n_samples=cfg.eval.samples, shots=cfg.eval.shots)
         print(report, flush=True)
+    if d.is_main:
+        print("time per phase: " + ", ".join(f"{k} {v:.0f} s" for k, v in phase_s.items()) +
+              f"; total {time.perf_counter() - t_start:.0f} s", flush=True)
     barrier(d)
     return results
+
+
+def draw_curves(run_dir: Path) -> None:
+    """RUN_DIR/curves.png for eval.md, when matplotlib is installed (an optional extra)."""
+    from ftcore.plot import plot_run
+    try:
+        plot_run(run_dir)
+    except ConfigError:
+        pass  # no matplotlib or no metrics: `ftcore plot` says which
 
 
 def _write_json(path: Path, obj) -> None:
