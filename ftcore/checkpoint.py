@@ -1,12 +1,17 @@
 """Resumable training state with torch.distributed.checkpoint (works sharded), written atomically.
 
 RUN_DIR/checkpoints/step_XXXXXXXX/ holds the model and optimizer (DCP, one file per rank),
-trainer_state.pt (step, scheduler, data position) and rng_rank{R}.pt. A checkpoint is written under
-a `.tmp` name and renamed when every rank has finished, so a process killed mid-save leaves a
-directory that resume never picks up.
+trainer_state.pt (step, scheduler, data position), rng_rank{R}.pt and, written last, manifest.json:
+the size and SHA-256 of every other file. A checkpoint is written under a `.tmp` name and renamed
+when every rank has finished, so a process killed mid-save leaves a directory that resume never
+picks up; a checkpoint damaged later (a truncated or altered file) fails its manifest, and resume
+says so in one line and takes the newest intact one. A save that fails (a full disk) removes its
+partial directory and ends the run with one line; the earlier checkpoints are untouched.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -21,6 +26,11 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from ftcore.parallel import Dist, barrier
 
 _STEP_DIR = re.compile(r"step_(\d{8})")
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read: the message names the file."""
 # crash tests widen the window in which a checkpoint is half-written, to kill a run inside it
 _TEST_SAVE_DELAY_S = float(os.environ.get("FTCORE_TEST_SAVE_DELAY_S", "0"))
 
@@ -38,14 +48,68 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    """The newest complete checkpoint: a step_XXXXXXXX directory (never a .tmp one) with its
-    trainer state present."""
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# files up to this size get a checksum too; larger ones (the shards of a big model) only their
+# size, which catches the common damage (a truncated copy, a full disk) without reading gigabytes
+_CHECKSUM_MAX_BYTES = 64 * 2**20
+
+
+def write_manifest(ckpt: Path) -> None:
+    files = {}
+    for p in sorted(ckpt.iterdir()):
+        if p.is_file() and p.name != MANIFEST:
+            size = p.stat().st_size
+            files[p.name] = {"bytes": size, **({"sha256": _sha256(p)} if size <= _CHECKSUM_MAX_BYTES else {})}
+    tmp = ckpt / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"files": files}, indent=1))
+    os.replace(tmp, ckpt / MANIFEST)
+
+
+def verify_checkpoint(ckpt: Path) -> str | None:
+    """None if every file the manifest lists is there with its size (and checksum, for the small
+    ones), else what is wrong, naming the file."""
+    try:
+        files = json.loads((ckpt / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"{ckpt / MANIFEST} is missing"
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return f"{ckpt / MANIFEST} is not a valid manifest"
+    for name, want in files.items():
+        path = ckpt / name
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            return f"{path} is {size} bytes, the manifest says {want['bytes']}"
+        if "sha256" in want and _sha256(path) != want["sha256"]:
+            return f"{path} does not match its checksum"
+    return None
+
+
+def checkpoints(ckpt_root: Path) -> list[Path]:
+    """The step_XXXXXXXX directories (never a .tmp one), newest first."""
     if not ckpt_root.is_dir():
-        return None
-    done = [p for p in ckpt_root.iterdir()
-            if _STEP_DIR.fullmatch(p.name) and (p / "trainer_state.pt").is_file()]
-    return max(done, key=lambda p: p.name) if done else None
+        return []
+    return sorted((p for p in ckpt_root.iterdir() if _STEP_DIR.fullmatch(p.name) and p.is_dir()),
+                  key=lambda p: p.name, reverse=True)
+
+
+def latest_checkpoint(ckpt_root: Path, report=print) -> Path | None:
+    """The newest intact checkpoint. A newer one that fails verification is skipped, with one line
+    through `report` naming what is wrong."""
+    for ckpt in checkpoints(ckpt_root):
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            return ckpt
+        report(f"skipping checkpoint {ckpt.name}: {problem}")
+    return None
 
 
 def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, trainer_state: dict, d: Dist, keep: int) -> Path:
@@ -56,14 +120,22 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, trainer_state:
             shutil.rmtree(tmp)  # left by a run killed mid-save
         tmp.mkdir(parents=True)
     barrier(d)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    torch.save(_rng_state(), tmp / f"rng_rank{d.rank}.pt")
-    if _TEST_SAVE_DELAY_S:
-        time.sleep(_TEST_SAVE_DELAY_S)
-    barrier(d)
+    try:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        torch.save(_rng_state(), tmp / f"rng_rank{d.rank}.pt")
+        if _TEST_SAVE_DELAY_S:
+            time.sleep(_TEST_SAVE_DELAY_S)
+        barrier(d)
+        if d.is_main:
+            torch.save(trainer_state, tmp / "trainer_state.pt")
+            write_manifest(tmp)
+    except (OSError, RuntimeError) as e:  # a full disk: torch.save says "unexpected pos ..."
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(ckpt_root).free
+        raise CheckpointError(f"saving checkpoint {final.name} in {ckpt_root} failed ({_first_line(e)}; "
+                              f"{free / 2**20:.0f} MiB free); the earlier checkpoints are intact") from None
     if d.is_main:
-        torch.save(trainer_state, tmp / "trainer_state.pt")
         if final.exists():  # a checkpoint of this step from a run that was resumed before it
             _remove(final)
         os.replace(tmp, final)
@@ -72,10 +144,18 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, trainer_state:
     return final
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def load_checkpoint(path: Path, model, optimizer, d: Dist) -> dict:
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except Exception as e:  # passed its manifest, yet unreadable: a checkpoint of another model
+        raise CheckpointError(f"{path}: cannot load the model and optimizer ({_first_line(e)}); a checkpoint "
+                              "of another model or run? Use a new run.dir, or train.resume=never in an empty one") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng = path / f"rng_rank{d.rank}.pt"
     if rng.is_file():

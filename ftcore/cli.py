@@ -10,19 +10,16 @@ import sys
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from ftcore.checkpoint import CheckpointError
     from ftcore.config import ConfigError
+    from ftcore.data import DataError
     from ftcore.model import ModelConfigError
-    from ftcore.weights import WeightsError
-    errors: list[type[BaseException]] = [ConfigError, ModelConfigError, WeightsError]
-    try:
-        from ftcore.data import DataError
-        from ftcore.templates import TemplateError
-        errors += [DataError, TemplateError]
-    except ImportError:
-        pass
+    from ftcore.templates import TemplateError
+    from ftcore.tokenizer import TokenizerError
     from ftcore.train import NonFiniteError
-    errors.append(NonFiniteError)
-    return tuple(errors)
+    from ftcore.weights import WeightsError
+    return (CheckpointError, ConfigError, DataError, ModelConfigError, NonFiniteError, TemplateError,
+            TokenizerError, WeightsError)
 
 
 def cmd_train(args) -> int:
@@ -41,7 +38,7 @@ def cmd_eval(args) -> int:
     from ftcore.config import load_config
     from ftcore.evaluate import run_eval
     cfg = load_config(args.config, args.overrides)
-    run_eval(cfg, args.model)
+    run_eval(cfg, args.model, out_dir=args.out)
     return 0
 
 
@@ -57,8 +54,10 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from ftcore.config import load_config
+    from ftcore.config import ConfigError, load_config
     from ftcore.memory import estimate_report
+    if args.world_size < 1:
+        raise ConfigError(f"--world-size must be >= 1, got {args.world_size}")
     cfg = load_config(args.estimate, args.overrides)
     print(estimate_report(cfg, world_size=args.world_size))
     return 0
@@ -84,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*")
     e.add_argument("--model", action="append", required=True,
                    help="model directory; give it twice: --model BASE --model FINETUNED")
+    e.add_argument("--out", default=None, help="report directory (default: run.dir for two models, "
+                   "run.dir/eval-NAME for one, so a run's comparison is never replaced)")
     e.set_defaults(fn=cmd_eval)
 
     g = sub.add_parser("generate", help="decode from a prompt, streaming tokens")
@@ -117,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:
         print(f"ftcore {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # a checkpoint being written is left as .tmp and removed by the next start; finished ones are intact
+        print(f"ftcore {args.command}: interrupted (the checkpoints already written are intact; "
+              "train.resume=auto continues from the newest)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -97,6 +97,7 @@ class TrainConfig:
     fsdp: str = "auto"             # auto (on when world > 1) | on | off
     reshard_after_forward: bool = True
     nonfinite: str = "stop"        # stop | skip
+    max_skipped_steps: int = 3     # with nonfinite=skip: this many non-finite steps in a row end the run
     device: str = "auto"           # auto | cpu | cuda
     plugins: list[str] = field(default_factory=list)  # modules imported first (e.g. to register kernels)
     # memory strategies (ftcore/optim.py, ftcore/offload.py), each off by default
@@ -249,8 +250,58 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return cfg
 
 
+# (key, test, what the value must be): every number checked when the config is loaded, so that a
+# mistake ends the run before pretraining or evaluation, not after them
+_RANGES = [
+    ("train.lr", lambda v: v > 0, "> 0"),
+    ("train.min_lr_ratio", lambda v: 0 <= v <= 1, "between 0 and 1"),
+    ("train.warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("train.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("train.beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("train.beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("train.grad_clip", lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("train.max_skipped_steps", lambda v: v >= 1, ">= 1"),
+    ("data.max_seq_len", lambda v: v >= 2, ">= 2"),
+    ("data.max_completion_tokens", lambda v: v >= 1, ">= 1"),
+    ("data.max_records", lambda v: v >= 0, ">= 0 (0 = all)"),
+    ("data.synthetic.num_records", lambda v: v >= 1, ">= 1"),
+    ("eval.every", lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("eval.max_examples", lambda v: v >= 0, ">= 0 (0 = all)"),
+    ("eval.shots", lambda v: v >= 0, ">= 0"),
+    ("eval.max_new_tokens", lambda v: v >= 1, ">= 1"),
+    ("eval.batch_size", lambda v: v >= 1, ">= 1"),
+    ("eval.samples", lambda v: v >= 0, ">= 0"),
+    ("checkpoint.every", lambda v: v >= 0, ">= 0 (0 = no periodic checkpoints)"),
+    ("checkpoint.keep", lambda v: v >= 0, ">= 0 (0 = keep all)"),
+    ("log.every", lambda v: v >= 1, ">= 1"),
+] + [(f"pretrain.{k}", lambda v: v > 0, "> 0") for k in
+     ("steps", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+      "seq_len", "batch_size", "lr")]
+
+
+def _value(cfg: Config, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def validate(cfg: Config) -> None:
     t, d = cfg.train, cfg.data
+    for key, ok, what in _RANGES:
+        v = _value(cfg, key)
+        if not ok(v):
+            raise ConfigError(f"'{key}' must be {what}, got {v!r}")
+    p = cfg.pretrain
+    if p.hidden_size % p.num_heads or p.num_heads % p.num_kv_heads:
+        raise ConfigError(f"pretrain: hidden_size={p.hidden_size} must be a multiple of num_heads={p.num_heads}, "
+                          f"and num_heads a multiple of num_kv_heads={p.num_kv_heads}")
+    if t.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device=cuda, but torch sees no CUDA device (use train.device=cpu or auto)")
+    if not t.plugins:  # names registered by plugins exist only once they are imported (build_model checks again)
+        check_loss(t.loss)
     if t.global_batch_size <= 0 or t.micro_batch_size <= 0:
         raise ConfigError("train.global_batch_size and train.micro_batch_size must be positive")
     if t.global_batch_size % t.micro_batch_size:
@@ -278,6 +329,14 @@ def validate(cfg: Config) -> None:
     if t.stochastic_rounding and t.precision != "bf16" and t.optimizer_state_dtype != "bfloat16":
         raise ConfigError("train.stochastic_rounding rounds bf16 weights or optimizer states: it needs "
                           "train.precision=bf16 or train.optimizer_state_dtype=bfloat16")
+
+
+def check_loss(name: str) -> None:
+    """train.loss: "auto" or a registered loss kernel."""
+    from ftcore.kernels import available_losses  # no triton import
+    names = available_losses()
+    if name != "auto" and name not in names:
+        raise ConfigError(f"'train.loss' must be auto or a registered loss kernel ({', '.join(names)}), got {name!r}")
 
 
 def check_kernels(kernels: dict[str, str], plugins_loaded: bool = True) -> None:

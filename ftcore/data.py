@@ -133,10 +133,16 @@ def _load_csv(path: Path) -> list[dict]:
     return out
 
 
-def apply_rename(records: list[dict], rename: dict[str, str]) -> list[dict]:
-    """data.rename = {column: field}; record_id follows a renamed `id`."""
+def apply_rename(records: list[dict], rename: dict[str, str], source: str) -> list[dict]:
+    """data.rename = {column: field}; record_id follows a renamed `id`. A column no record has is a
+    typo that would otherwise pass silently (the field may even exist under its own name)."""
     if not rename:
         return records
+    have = {k for r in records for k in r}
+    for column in rename:
+        if records and column not in have:
+            found = ", ".join(sorted(have - set(_PRIVATE))) or "none"
+            raise DataError(f"{source}: data.rename maps a column '{column}' that no record has (columns found: {found})")
     out = []
     for r in records:
         r2 = {rename.get(k, k): v for k, v in r.items()}
@@ -369,6 +375,19 @@ def check_fields(records: list[dict], templates: list[tuple[Template, float]], r
 # ----------------------------------------------------------------------------------------------
 # splitting by record
 
+def check_unique_ids(records: list[dict]) -> None:
+    """Records are split by id: two records with one id would be one group, so a file whose ids
+    repeat (or are all equal) would silently leave a split empty."""
+    first: dict[str, str] = {}
+    for r in records:
+        rid = r["record_id"]
+        if rid in first:
+            raise DataError(f"{r.get('_where', 'record')}: id {rid!r} was already used at {first[rid]}; "
+                            "record ids must be unique (fix the file, drop repeated rows with data.dedupe, "
+                            "or rename the id column away with data.rename)")
+        first[rid] = r.get("_where", "?")
+
+
 def split_records(records: list[dict], ratios: Iterable[float], seed: int = 0) -> tuple[list, list, list]:
     """Deterministic train/validation/test split of the records, grouped by record_id (all copies
     of a record, and so every template instance of it, land in one split). Group counts follow the
@@ -530,7 +549,7 @@ def load_data_records(data_cfg, counts: dict | None = None) -> list[dict]:
     records = ensure_record_ids(records, data_source(data_cfg))
     if data_cfg.max_records:
         records = records[:data_cfg.max_records]  # the first N, in file order
-    return clean_and_dedupe(apply_rename(records, data_cfg.rename), data_cfg, counts)
+    return clean_and_dedupe(apply_rename(records, data_cfg.rename, data_source(data_cfg)), data_cfg, counts)
 
 
 def clean_and_dedupe(records: list[dict], data_cfg, counts: dict | None = None) -> list[dict]:
@@ -560,7 +579,7 @@ def prepare_datasets(cfg, tokenizer, records: list[dict] | None = None, seed: in
         records = ensure_record_ids(records, source)
         if data_cfg.max_records:
             records = records[:data_cfg.max_records]
-        records = clean_and_dedupe(apply_rename(records, data_cfg.rename), data_cfg, counts)
+        records = clean_and_dedupe(apply_rename(records, data_cfg.rename, source), data_cfg, counts)
     if not records:
         raise DataError(f"{source}: no records")
     templates = resolve_templates(data_cfg)  # TemplateError for an unknown name
@@ -568,6 +587,7 @@ def prepare_datasets(cfg, tokenizer, records: list[dict] | None = None, seed: in
         (data_cfg.format or FORMATS.get(Path(data_cfg.path).suffix.lower())) == "csv"
     check_fields(records, templates, data_cfg.rename, source, "column" if is_csv else "field")
 
+    check_unique_ids(records)
     splits = dict(zip(("train", "validation", "test"), split_records(records, data_cfg.split, seed)))
     stats: dict[str, Any] = {"source": source, "seed": seed, "batching": data_cfg.batching,
                              "max_seq_len": data_cfg.max_seq_len, "skipped_missing": {}, "splits": {},

@@ -395,10 +395,10 @@ def baseline_for_run(cfg, tokenizer, datasets) -> dict[str, dict]:
 
 
 def evaluate_for_run(cfg, model_dir, tokenizer, datasets, device, base: bool,
-                     section: str | None = None) -> dict[str, dict]:
+                     section: str | None = None, out_dir=None) -> dict[str, dict]:
     """Loads the model in model_dir (plain, unsharded, on `device`) and evaluates it:
     {"base": ..., "base_kshot": ... (eval.shots > 0)} when base, else {section or "finetuned": ...}.
-    Generations go to RUN_DIR/generations/. One process, no collectives: under torchrun call it on
+    Generations go to OUT_DIR/generations/ (default: run.dir). One process, no collectives: under torchrun call it on
     rank 0 while the other ranks wait at a barrier."""
     from ftcore.model import Transformer
 
@@ -414,16 +414,18 @@ def evaluate_for_run(cfg, model_dir, tokenizer, datasets, device, base: bool,
         results[name] = evaluate_model(model, tokenizer, test, cfg.eval, device, shots_pool=shots_pool,
                                        outputs=outputs, seed=cfg.run.seed, progress=cfg.log.progress,
                                        label_pool=datasets.train)
-        write_generations(cfg.run.dir, name, outputs)
+        write_generations(out_dir or cfg.run.dir, name, outputs)
     del model
     return results
 
 
-def run_eval(cfg, model_dirs: list[str], device=None) -> dict:
+def run_eval(cfg, model_dirs: list[str], device=None, out_dir=None) -> dict:
     """`ftcore eval CONFIG --model BASE_DIR --model FINETUNED_DIR`: both models on the test split
     (and held-out paraphrases), the base also k-shot with eval.shots, beside the trivial baselines;
-    writes eval.json/eval.md to run.dir and prints the report. A single --model is reported as
-    "finetuned"."""
+    writes eval.json/eval.md (and generations/) to out_dir and prints the report. A single --model
+    is reported as "finetuned". out_dir defaults to run.dir for two models, and for one to
+    run.dir/eval-NAME (NAME: the model directory's name), so that a one-sided report never replaces
+    a run's base-vs-fine-tuned comparison."""
     from ftcore.config import ConfigError
     from ftcore.data import prepare_datasets
     from ftcore.parallel import pick_device
@@ -438,10 +440,13 @@ def run_eval(cfg, model_dirs: list[str], device=None) -> dict:
     device = torch.device(device) if device is not None else pick_device(cfg.train.device)
     tokenizer = Tokenizer.from_dir(model_dirs[0])
     datasets = prepare_datasets(cfg, tokenizer)
+    if out_dir is None:
+        out_dir = Path(cfg.run.dir) if len(model_dirs) == 2 else \
+            Path(cfg.run.dir) / f"eval-{Path(model_dirs[0]).resolve().name}"
     results = baseline_for_run(cfg, tokenizer, datasets)
     if len(model_dirs) == 2:
-        results.update(evaluate_for_run(cfg, model_dirs[0], tokenizer, datasets, device, base=True))
-    results.update(evaluate_for_run(cfg, model_dirs[-1], tokenizer, datasets, device, base=False))
-    report = write_report(cfg.run.dir, results, n_samples=cfg.eval.samples, shots=cfg.eval.shots)
+        results.update(evaluate_for_run(cfg, model_dirs[0], tokenizer, datasets, device, base=True, out_dir=out_dir))
+    results.update(evaluate_for_run(cfg, model_dirs[-1], tokenizer, datasets, device, base=False, out_dir=out_dir))
+    report = write_report(out_dir, results, n_samples=cfg.eval.samples, shots=cfg.eval.shots)
     print(report, flush=True)
     return results

@@ -19,9 +19,12 @@ def base_dir_of_run(run_dir: Path) -> Path:
 
 
 def export_checkpoint(checkpoint: str, out: str, base: str | None = None) -> Path:
+    from ftcore.checkpoint import verify_checkpoint
     ckpt = Path(checkpoint)
     if not (ckpt / "trainer_state.pt").is_file():
         raise ConfigError(f"{ckpt}: not a complete training checkpoint (no trainer_state.pt)")
+    if (problem := verify_checkpoint(ckpt)) is not None:
+        raise ConfigError(f"{ckpt}: damaged checkpoint: {problem}")
     base_dir = Path(base) if base else base_dir_of_run(ckpt.parent.parent)
     model = Transformer.from_pretrained(base_dir)
     state = {"model": model.state_dict()}

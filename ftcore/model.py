@@ -62,6 +62,10 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, d: dict[str, Any], where: str = "config.json") -> "ModelConfig":
         mt = d.get("model_type")
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if k not in d]
+        if missing and mt in SUPPORTED_MODEL_TYPES:
+            raise ModelConfigError(f"{where}: no {', '.join(missing)} (an HF config.json of a {mt} model has them)")
         if mt not in SUPPORTED_MODEL_TYPES:
             raise ModelConfigError(f"{where}: model_type {mt!r} is not supported "
                                    f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
@@ -130,7 +134,13 @@ class ModelConfig:
             path = path / "config.json"
         if not path.is_file():
             raise ModelConfigError(f"{path}: not found")
-        return cls.from_hf(json.loads(path.read_text()), where=str(path))
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ModelConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
+        return cls.from_hf(d, where=str(path))
 
     def to_hf(self, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
         arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}

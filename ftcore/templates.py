@@ -112,7 +112,9 @@ DERIVED_FROM: dict[str, str | None] = {"sentiment": "rating", "stars": "rating",
                                        "source_lang": None, "target_lang": None}
 
 
-def to_text(value: Any) -> str:
+def to_text(value: Any, name: str = "?") -> str:
+    if isinstance(value, (dict, list, tuple)):  # its Python repr would be rendered into the prompt
+        raise TemplateError(f"field '{name}' is a {type(value).__name__}; templates take text and numbers")
     if isinstance(value, float) and value.is_integer():
         return str(int(value))  # 4.0 from a JSON file reads as the rating "4"
     return str(value)
@@ -121,7 +123,7 @@ def to_text(value: Any) -> str:
 def field_value(record: dict, name: str, template: str = "?") -> str:
     """The record's own value wins; else a derivation; else MissingField."""
     if _present(record, name):
-        return to_text(record[name])
+        return to_text(record[name], name)
     derive = DERIVATIONS.get(name)
     value = derive(record) if derive is not None else None
     if value is None:

@@ -26,6 +26,7 @@ from ftcore.offload import ActivationOffload
 from ftcore.optim import OptimizerInBackward, build_optimizer, validate_switches
 from ftcore.parallel import (Dist, all_reduce_sum, apply_activation_checkpointing, apply_compile, apply_fsdp,
                              barrier, grad_scale_for_reduction, init_distributed)
+from ftcore.rundir import RunLock, check_fresh_start, check_resume_config
 from ftcore.tokenizer import Tokenizer
 
 
@@ -195,15 +196,44 @@ def prepare_base(cfg: Config, run_dir: Path, d: Dist) -> Path:
 
 
 def train(cfg: Config) -> dict:
+    """One run in cfg.run.dir, holding its lock (ftcore.rundir) from start to end."""
     d = init_distributed(cfg.train.device, need_group=use_fsdp(cfg, 1), cpu_collectives=cfg.train.cpu_offload)
+    validate_switches(cfg, d.device, accumulation_steps(cfg, d.world_size))  # before anything is written
+    lock = RunLock(Path(cfg.run.dir)) if d.is_main else None
+    try:
+        return _run(cfg, d)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def check_splits(cfg: Config, datasets) -> None:
+    """An empty validation or test split would give a NaN loss or an empty report after training."""
+    n = sum(len(r) for r in datasets.records.values())
+    for split, needed, why in (("validation", cfg.eval.every > 0, "eval.every=0"),
+                               ("test", cfg.eval.base or cfg.eval.final, "eval.base=false eval.final=false")):
+        if needed and not datasets.split(split):
+            raise ConfigError(f"data: the {split} split is empty ({n} records split {cfg.data.split}): add records, "
+                              f"raise its ratio in data.split, or set {why}")
+
+
+def _run(cfg: Config, d: Dist) -> dict:
     torch.manual_seed(cfg.run.seed)
     run_dir = Path(cfg.run.dir)
     accum = accumulation_steps(cfg, d.world_size)
-    validate_switches(cfg, d.device, accum)
+    report = print if d.is_main else (lambda *_: None)
+
+    # the run directory, before any expensive work: a fresh run never mixes with an old one, and a
+    # resume follows the recorded config
+    ckpt_root = run_dir / "checkpoints"
     if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(to_toml(cfg))
+        ckpt.cleanup_partial(ckpt_root)
     barrier(d)
+    if cfg.train.resume == "never":
+        check_fresh_start(run_dir, ckpt.checkpoints(ckpt_root))
+    resume_from = ckpt.latest_checkpoint(ckpt_root, report) if cfg.train.resume == "auto" else None
+    if resume_from is not None:
+        check_resume_config(run_dir, cfg, report)
 
     phase_s: dict[str, float] = {}  # wall time per phase, printed at the end
     t_phase = t_start = time.perf_counter()
@@ -212,11 +242,11 @@ def train(cfg: Config) -> dict:
         phase_s["pretrain"] = time.perf_counter() - t_phase
     tokenizer = Tokenizer.from_dir(base_dir)
     datasets = prepare_datasets(cfg, tokenizer)
+    check_splits(cfg, datasets)
     if d.is_main:
         print(format_stats(datasets.stats), flush=True)
-
-    ckpt_root = run_dir / "checkpoints"
-    resume_from = ckpt.latest_checkpoint(ckpt_root) if cfg.train.resume == "auto" else None
+        (run_dir / "config.toml").write_text(to_toml(cfg))  # validated: this is what runs
+    barrier(d)
 
     from ftcore.evaluate import baseline_for_run, evaluate_for_run, write_report
     results: dict = baseline_for_run(cfg, tokenizer, datasets) if d.is_main and (cfg.eval.base or cfg.eval.final) else {}
@@ -244,9 +274,6 @@ def train(cfg: Config) -> dict:
     train_tokens = [len(ex.input_ids) - 1 for ex in datasets.train]
 
     start_step, tokens_seen = 0, 0
-    if d.is_main:
-        ckpt.cleanup_partial(ckpt_root)
-    barrier(d)
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, model, optimizer, d)
         scheduler.load_state_dict(state["scheduler"])
@@ -259,6 +286,7 @@ def train(cfg: Config) -> dict:
     bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", disable=not (d.is_main and cfg.log.progress),
                dynamic_ncols=True)
     model.train()
+    skipped_in_a_row = 0
     for step in range(start_step, cfg.train.max_steps):
         t0 = time.perf_counter()
         indices = sampler.indices(step)
@@ -277,7 +305,14 @@ def train(cfg: Config) -> dict:
                 raise NonFiniteError(f"step {step + 1}: non-finite loss ({loss}) or grad norm ({gnorm}); "
                                      "lower train.lr or set train.nonfinite=skip")
             optimizer.zero_grad(set_to_none=True)  # skip: no update from this step
+            skipped_in_a_row += 1
+            if skipped_in_a_row >= cfg.train.max_skipped_steps:
+                raise NonFiniteError(f"step {step + 1}: {skipped_in_a_row} non-finite steps in a row were skipped "
+                                     f"(train.max_skipped_steps={cfg.train.max_skipped_steps}); lower train.lr")
+            if d.is_main:
+                bar.write(f"step {step + 1}: non-finite loss ({loss}) or grad norm ({gnorm}), update skipped")
         else:
+            skipped_in_a_row = 0
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         scheduler.step()

@@ -146,6 +146,13 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _readable(path: Path) -> None:
+    """safetensors creates its files 0600; an export is readable like any file the user writes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_pretrained(model: Transformer, path, tokenizer=None, state_dict: dict | None = None,
                     dtype: torch.dtype | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
     """Write config.json, generation_config.json and safetensors (sharded with an index above
@@ -181,6 +188,7 @@ def save_pretrained(model: Transformer, path, tokenizer=None, state_dict: dict |
     for shard, fname in zip(shards, names):
         tmp = path / (fname + ".tmp")
         save_file(shard, str(tmp), metadata={"format": "pt"})
+        _readable(tmp)
         os.replace(tmp, path / fname)
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())

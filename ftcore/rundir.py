@@ -1,0 +1,109 @@
+"""The run directory's rules: one run at a time, a fresh run never mixes with an old one, and
+config.toml says what ran.
+
+- `RunLock`: RUN_DIR/.lock held with flock(2) for the life of the run (rank 0). A second run in the
+  same directory stops with one line naming the holder. The kernel drops the lock when its process
+  dies, so the file a killed run leaves behind is simply taken over by the next run.
+- `check_fresh_start`: train.resume=never in a directory that holds checkpoints is refused (a
+  fresh run's checkpoints would be pruned in favour of the old run's higher steps, and a later
+  resume would continue the old run).
+- `check_resume_config`: resuming may change only what does not change the run's trajectory
+  (RESUMABLE_CHANGES: evaluation, logging, checkpointing, and how the same step is computed);
+  any other difference from the recorded config.toml is refused, naming the keys. Accepted
+  changes are printed, and config.toml is rewritten with them once the run is under way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import fcntl
+import json
+import os
+import socket
+from pathlib import Path
+
+from ftcore.config import Config, ConfigError, load_config
+
+LOCK = ".lock"
+# keys whose change on resume keeps every step's examples, learning rate and maths
+RESUMABLE_CHANGES = ("run.dir", "train.resume", "train.max_skipped_steps", "train.device", "train.plugins",
+                     "train.activation_checkpointing", "train.compile", "train.kernels", "train.loss",
+                     "train.fsdp", "train.reshard_after_forward", "train.micro_batch_size",
+                     "eval.", "log.", "checkpoint.")
+
+
+class RunLock:
+    """flock on RUN_DIR/.lock; the file holds the holder's pid, host and start time."""
+
+    def __init__(self, run_dir: Path):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / LOCK
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 4096, 0).decode(errors="replace")
+            os.close(self.fd)
+            try:
+                h = json.loads(holder)
+                who = f"pid {h['pid']} on {h['host']}, started {h['started']}"
+            except (json.JSONDecodeError, KeyError, TypeError):
+                who = "another process"
+            raise ConfigError(f"run.dir {run_dir} is in use by another ftcore run ({who}); "
+                              "wait for it to finish or choose another run.dir") from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": datetime.datetime.now().isoformat(timespec="seconds")}
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps(info).encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock; the file stays, harmless
+            self.fd = None
+
+
+def check_fresh_start(run_dir: Path, steps: list[Path]) -> None:
+    """steps: the run directory's checkpoints, newest first."""
+    if steps:
+        raise ConfigError(f"train.resume=never, but {run_dir / 'checkpoints'} holds {len(steps)} checkpoint(s) of an "
+                          f"earlier run (newest {steps[0].name}): continue it with train.resume=auto, or start "
+                          "elsewhere with a new run.dir (or move that directory aside)")
+
+
+def _flat(obj, prefix: str = "") -> dict:
+    out = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(v):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_changes(old: Config, new: Config) -> dict[str, tuple]:
+    """{key: (old value, new value)} of every key that differs."""
+    a, b = _flat(old), _flat(new)
+    return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+
+def check_resume_config(run_dir: Path, cfg: Config, report=print) -> None:
+    """Refuses a resume whose config differs from the recorded one in a key outside
+    RESUMABLE_CHANGES; reports the accepted changes."""
+    path = run_dir / "config.toml"
+    if not path.is_file():
+        return
+    try:
+        recorded = load_config(path)
+    except ConfigError as e:
+        raise ConfigError(f"{path} (the config of the run being resumed) is not readable: {e}") from None
+    changes = config_changes(recorded, cfg)
+    refused = [k for k in changes if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_CHANGES)]
+    if refused:
+        what = ", ".join(f"{k} {changes[k][0]!r} -> {changes[k][1]!r}" for k in refused)
+        raise ConfigError(f"cannot resume the run in {run_dir} with a changed {what}: the steps already taken "
+                          f"followed {path.name}; resume with its values, or start a new run.dir")
+    for k, (a, b) in changes.items():
+        if k not in ("run.dir", "train.resume"):
+            report(f"resuming with {k} changed: {a!r} -> {b!r}")
