@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import torch  # noqa: E402
 
+from ftcore.hf import config_to_hf  # noqa: E402
 from ftcore.model import ModelConfig  # noqa: E402
 
 RESULT_TAG = "BENCH_RESULT "
@@ -227,7 +228,7 @@ def build_hf(row: Row, cfg: ModelConfig, device):
     if row.liger:  # patches the modeling module's classes: before the model is built
         import liger_kernel.transformers as lk
         getattr(lk, f"apply_liger_kernel_to_{cfg.model_type}")()
-    hf = {k: v for k, v in cfg.to_hf().items() if k not in ("architectures", "model_type", "torch_dtype")}
+    hf = {k: v for k, v in config_to_hf(cfg).items() if k not in ("architectures", "model_type", "torch_dtype")}
     hcfg = transformers.AutoConfig.for_model(cfg.model_type, **hf)
     hcfg.use_cache = False
     hcfg._attn_implementation = "sdpa"

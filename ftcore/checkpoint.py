@@ -23,6 +23,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
+from ftcore.files import write_atomic
 from ftcore.parallel import Dist, barrier
 
 _STEP_DIR = re.compile(r"step_(\d{8})")
@@ -67,9 +68,7 @@ def write_manifest(ckpt: Path) -> None:
         if p.is_file() and p.name != MANIFEST:
             size = p.stat().st_size
             files[p.name] = {"bytes": size, **({"sha256": _sha256(p)} if size <= _CHECKSUM_MAX_BYTES else {})}
-    tmp = ckpt / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"files": files}, indent=1))
-    os.replace(tmp, ckpt / MANIFEST)
+    write_atomic(ckpt / MANIFEST, json.dumps({"files": files}, indent=1))
 
 
 def verify_checkpoint(ckpt: Path) -> str | None:
@@ -112,22 +111,22 @@ def latest_checkpoint(ckpt_root: Path, report=print) -> Path | None:
     return None
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, trainer_state: dict, d: Dist, keep: int) -> Path:
+def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, trainer_state: dict, proc: Dist, keep: int) -> Path:
     final = ckpt_root / f"step_{step:08d}"
     tmp = ckpt_root / f"step_{step:08d}.tmp"
-    if d.is_main:
+    if proc.is_main:
         if tmp.exists():
             shutil.rmtree(tmp)  # left by a run killed mid-save
         tmp.mkdir(parents=True)
-    barrier(d)
+    barrier(proc)
     try:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-        torch.save(_rng_state(), tmp / f"rng_rank{d.rank}.pt")
+        torch.save(_rng_state(), tmp / f"rng_rank{proc.rank}.pt")
         if _TEST_SAVE_DELAY_S:
             time.sleep(_TEST_SAVE_DELAY_S)
-        barrier(d)
-        if d.is_main:
+        barrier(proc)
+        if proc.is_main:
             torch.save(trainer_state, tmp / "trainer_state.pt")
             write_manifest(tmp)
     except (OSError, RuntimeError) as e:  # a full disk: torch.save says "unexpected pos ..."
@@ -135,12 +134,12 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, trainer_state:
         free = shutil.disk_usage(ckpt_root).free
         raise CheckpointError(f"saving checkpoint {final.name} in {ckpt_root} failed ({_first_line(e)}; "
                               f"{free / 2**20:.0f} MiB free); the earlier checkpoints are intact") from None
-    if d.is_main:
+    if proc.is_main:
         if final.exists():  # a checkpoint of this step from a run that was resumed before it
             _remove(final)
         os.replace(tmp, final)
         _prune(ckpt_root, keep)
-    barrier(d)
+    barrier(proc)
     return final
 
 
@@ -148,7 +147,7 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def load_checkpoint(path: Path, model, optimizer, d: Dist) -> dict:
+def load_checkpoint(path: Path, model, optimizer, proc: Dist) -> dict:
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     try:
@@ -157,7 +156,7 @@ def load_checkpoint(path: Path, model, optimizer, d: Dist) -> dict:
         raise CheckpointError(f"{path}: cannot load the model and optimizer ({_first_line(e)}); a checkpoint "
                               "of another model or run? Use a new run.dir, or train.resume=never in an empty one") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    rng = path / f"rng_rank{d.rank}.pt"
+    rng = path / f"rng_rank{proc.rank}.pt"
     if rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=False))
     return torch.load(path / "trainer_state.pt", weights_only=False)
@@ -186,12 +185,12 @@ def _prune(ckpt_root: Path, keep: int) -> None:
         _remove(p)
 
 
-def export_hf(model, path: Path, d: Dist, tokenizer=None) -> None:
+def export_hf(model, path: Path, proc: Dist, tokenizer=None) -> None:
     """Gather the full weights on rank 0 and write an HF directory (tokenizer included)."""
     from ftcore.weights import save_pretrained
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if d.is_main:
+    if proc.is_main:
         tmp = path.with_name(path.name + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -199,4 +198,4 @@ def export_hf(model, path: Path, d: Dist, tokenizer=None) -> None:
         if path.exists():
             _remove(path)
         os.replace(tmp, path)
-    barrier(d)
+    barrier(proc)

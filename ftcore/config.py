@@ -25,9 +25,10 @@ class RunConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelSourceConfig:
+    """[model]: where the base comes from (not its shape: that is ftcore.model.ModelConfig)."""
     path: str = ""                 # HF checkpoint directory; empty = the base comes from [pretrain]
-    dtype: str = "float32"         # dtype of the weights as loaded (the master weights)
+    dtype: str = "float32"         # dtype evaluation loads models in (training's weights follow train.precision)
 
 
 @dataclass
@@ -137,7 +138,7 @@ class LogConfig:
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelSourceConfig = field(default_factory=ModelSourceConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -287,7 +288,7 @@ def _value(cfg: Config, key: str):
 
 
 def validate(cfg: Config) -> None:
-    t, d = cfg.train, cfg.data
+    t, data = cfg.train, cfg.data
     for key, ok, what in _RANGES:
         v = _value(cfg, key)
         if not ok(v):
@@ -307,12 +308,12 @@ def validate(cfg: Config) -> None:
     if t.global_batch_size % t.micro_batch_size:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
                           f"train.micro_batch_size={t.micro_batch_size}")
-    if len(d.split) != 3 or any(r < 0 for r in d.split) or sum(d.split) <= 0:
-        raise ConfigError(f"data.split must be three non-negative ratios (train, validation, test), got {d.split}")
-    if not 0.0 <= d.balance <= 1.0:
-        raise ConfigError(f"data.balance must be between 0 (labels as sampled) and 1 (every class equally often), got {d.balance}")
-    if d.max_completion_tokens >= d.max_seq_len:
-        raise ConfigError(f"data.max_completion_tokens={d.max_completion_tokens} must be < data.max_seq_len={d.max_seq_len}")
+    if len(data.split) != 3 or any(r < 0 for r in data.split) or sum(data.split) <= 0:
+        raise ConfigError(f"data.split must be three non-negative ratios (train, validation, test), got {data.split}")
+    if not 0.0 <= data.balance <= 1.0:
+        raise ConfigError(f"data.balance must be between 0 (labels as sampled) and 1 (every class equally often), got {data.balance}")
+    if data.max_completion_tokens >= data.max_seq_len:
+        raise ConfigError(f"data.max_completion_tokens={data.max_completion_tokens} must be < data.max_seq_len={data.max_seq_len}")
     if t.max_steps < 0:
         raise ConfigError("train.max_steps must be >= 0")
     if t.optimizer_in_backward and t.grad_clip > 0:

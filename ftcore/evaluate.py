@@ -16,7 +16,7 @@ first k words of the source text for the generative kinds.
 
     evaluate_model    one model, a list of examples -> {task: {metric: value}}
     evaluate_for_run  load a model directory, evaluate it as base (+ k-shot) or fine-tuned
-    baseline_results  the majority / lead baselines of a run's test examples
+    baseline_results  the majority / lead baselines of a run's test examples (ftcore.baselines)
     run_eval          `ftcore eval CONFIG --model BASE_DIR --model FINETUNED_DIR`
 The report (eval.json, eval.md) is ftcore.report's.
 """
@@ -24,17 +24,19 @@ from __future__ import annotations
 
 import math
 import random
-import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ftcore.metrics import bleu, classification_metrics, generation_metrics, normalize_label, rouge  # noqa: F401 (re-exported)
+from ftcore.batching import pad_batch
+from ftcore.baselines import baseline_results, lead_source  # noqa: F401 (re-exported)
+from ftcore.examples import group_by_task
+from ftcore.metrics import bleu, classification_metrics, generation_metrics, natural_order, normalize_label, rouge  # noqa: F401 (re-exported)
+from ftcore.model import IGNORE_INDEX
 from ftcore.report import read_generations, write_generations, write_report  # noqa: F401 (re-exported)
 
-IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)
 MAX_RANKED_LABELS = 64  # a "classification" task with more distinct answers is not ranked
 
 # ---------------------------------------------------------------------------------------------
@@ -44,13 +46,8 @@ def _loss_batch(seqs: list[tuple[list[int], list[int]]], pad_id: int, device):
     """Right-padded batch for teacher forcing. Padding goes on the right so every real token keeps
     positions 0.. and, under the causal mask, never sees a pad; labels are shifted here (target of
     position t = token t+1) and -100 on prompt and padding."""
-    T = max(len(ids) for ids, _ in seqs)
-    input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    targets = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)
-    for i, (ids, labels) in enumerate(seqs):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        targets[i, :len(ids) - 1] = torch.tensor(labels[1:])
-    return input_ids.to(device), targets.to(device)
+    batch = pad_batch(seqs, pad_id)
+    return batch["input_ids"].to(device), batch["labels"].to(device)
 
 
 @torch.inference_mode()
@@ -94,10 +91,6 @@ class LabelSet:
     ids: list[list[int]]
 
 
-def _natural(name: str):
-    return (0, int(name), "") if name.isdigit() else (1, 0, name)  # "2" before "10"
-
-
 def label_sets(examples, eos_ids) -> dict[str, LabelSet]:
     """{task: LabelSet} of the classification examples' completions, per task (held-out paraphrases
     share their task's labels). Tasks with more than MAX_RANKED_LABELS labels are left out."""
@@ -116,7 +109,7 @@ def label_sets(examples, eos_ids) -> dict[str, LabelSet]:
     for task, by_name in forms.items():
         if len(by_name) > MAX_RANKED_LABELS:
             continue
-        names = sorted(by_name, key=_natural)
+        names = sorted(by_name, key=natural_order)
         best = [by_name[n].most_common(1)[0][0] for n in names]
         out[task] = LabelSet(names, [t for t, _ in best], [list(i) for _, i in best])
     return out
@@ -166,16 +159,6 @@ def rank_classify(model, prompts: list[list[int]], label_set: LabelSet, pad_id: 
 
 # ---------------------------------------------------------------------------------------------
 # evaluating one model on every task
-
-def group_by_task(examples, max_examples: int = 0) -> dict[str, list]:
-    """Examples per task (template name, in order of first appearance), at most max_examples each."""
-    tasks: dict[str, list] = {}
-    for ex in examples:
-        group = tasks.setdefault(ex.template, [])
-        if not max_examples or len(group) < max_examples:
-            group.append(ex)
-    return tasks
-
 
 class _ShotBuilder:
     """k-shot prompts: up to k solved examples of the same task (prompt + completion, from the
@@ -306,60 +289,6 @@ def evaluate_model(model, tokenizer, examples, eval_cfg, device, shots_pool=None
         bar.close()
         model.train(was_training)
     return results
-
-
-# ---------------------------------------------------------------------------------------------
-# trivial baselines: the majority answer, the lead of the source
-
-def lead_source(record: dict, template) -> str:
-    """The text a lead baseline copies from: the longest of the record's own fields the prompt
-    shows (the review text for rating / summary prompts, the title for review writing); for a
-    record in its own instruction format, its input (Alpaca), prompt, or last user turn."""
-    from ftcore.data import record_format
-    from ftcore.templates import DERIVATIONS
-
-    fmt = record_format(record)
-    if fmt == "instruction":
-        return str(record.get("input") or record.get("instruction") or "")
-    if fmt == "prompt_completion":
-        return str(record.get("prompt") or "")
-    if fmt == "chat":
-        users = [m.get("content", m.get("value", "")) for m in record["messages"]
-                 if isinstance(m, dict) and m.get("role", m.get("from")) in ("user", "human")]
-        return str(users[-1]) if users else ""
-    values = [str(record[f]) for f in (template.prompt_fields if template is not None else [])
-              if f not in DERIVATIONS and record.get(f) not in (None, "")]
-    return max(values, key=len, default="")
-
-
-def baseline_results(examples, train_examples, records: dict[str, dict], templates: dict,
-                     max_examples: int = 0, train_labels: dict[str, dict[str, int]] | None = None) -> dict[str, dict]:
-    """{task: metrics} of the trivial answers, on the same test examples as the models.
-    classification: the majority label of the task's training examples, for every example
-    (`majority_answer`; rank_* equal the plain metrics, since it ranks nothing).
-    summarization / generation / translation: the first k words of lead_source, k the median
-    word count of the task's training completions (`lead_words`). records: record_id -> record;
-    templates: name -> Template; train_labels: {task: {label: count}} of the training split as the
-    data has it (before data.balance resampled it), else counted in train_examples."""
-    train_by_task: dict[str, list] = defaultdict(list)
-    for ex in train_examples:
-        train_by_task[ex.task].append(ex)
-    out = {}
-    for task, exs in group_by_task(examples, max_examples).items():
-        kind, pool = exs[0].kind, train_by_task.get(exs[0].task) or exs
-        references = [e.completion for e in exs]
-        if kind == "classification":
-            counts = Counter((train_labels or {}).get(exs[0].task) or [normalize_label(e.completion) for e in pool])
-            majority = counts.most_common(1)[0][0]
-            m = generation_metrics(kind, [majority] * len(exs), references, sorted(counts, key=_natural))
-            m.update(rank_accuracy=m["accuracy"], rank_macro_f1=m["macro_f1"], majority_answer=majority)
-        else:
-            k = max(1, round(statistics.median(len(e.completion.split()) for e in pool)))
-            leads = [" ".join(lead_source(records.get(e.record_id, {}), templates.get(e.template)).split()[:k])
-                     for e in exs]
-            m = {**generation_metrics(kind, leads, references), "lead_words": k}
-        out[task] = {**m, "examples": len(exs)}
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -227,3 +227,8 @@ def generation_metrics(kind: str, predictions: list[str], references: list[str],
         return {"bleu": bleu(predictions, references), "rougeL": rouge(predictions, references)["rougeL"],
                 **output_diversity(predictions)}
     raise ValueError(f"unknown task kind {kind!r} (classification | generation | summarization | translation)")
+
+
+def natural_order(name: str):
+    """Sort key for labels: numbers by value ("2" before "10"), then names."""
+    return (0, int(name), "") if name.isdigit() else (1, 0, name)

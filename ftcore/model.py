@@ -9,17 +9,13 @@ and the training loop normalises by the global token count of the step.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 IGNORE_INDEX = -100
 
 
@@ -57,112 +53,6 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ModelConfigError(f"num_attention_heads={self.num_heads} is not a multiple of "
                                    f"num_key_value_heads={self.num_kv_heads}")
-
-    # --- Hugging Face config.json, classic and transformers-5 forms -----------------------------
-    @classmethod
-    def from_hf(cls, d: dict[str, Any], where: str = "config.json") -> "ModelConfig":
-        mt = d.get("model_type")
-        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                               "num_attention_heads") if k not in d]
-        if missing and mt in SUPPORTED_MODEL_TYPES:
-            raise ModelConfigError(f"{where}: no {', '.join(missing)} (an HF config.json of a {mt} model has them)")
-        if mt not in SUPPORTED_MODEL_TYPES:
-            raise ModelConfigError(f"{where}: model_type {mt!r} is not supported "
-                                   f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-        act = d.get("hidden_act", "silu")
-        if act != "silu":
-            raise ModelConfigError(f"{where}: hidden_act {act!r} is not implemented (only 'silu')")
-        rope = dict(d.get("rope_parameters") or {})      # transformers 5
-        theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
-        scaling = d.get("rope_scaling") or (rope if rope else None)
-        if scaling is not None:
-            scaling = dict(scaling)
-            kind = scaling.get("rope_type", scaling.get("type", "default"))
-            scaling.pop("type", None)
-            scaling["rope_type"] = kind
-            if kind == "default":
-                scaling = None
-            elif kind not in ("llama3", "linear"):
-                raise ModelConfigError(f"{where}: rope_scaling type {kind!r} is not implemented "
-                                       "(supported: default, llama3, linear)")
-        sliding = None
-        layer_types = d.get("layer_types")
-        if layer_types and any(t != "full_attention" for t in layer_types):
-            raise ModelConfigError(f"{where}: layer_types {sorted(set(layer_types))} includes sliding "
-                                   "attention, which is not implemented")
-        if mt == "mistral" and d.get("sliding_window"):
-            sliding = int(d["sliding_window"])
-        if mt == "qwen2" and d.get("use_sliding_window"):
-            n_layers, mwl = d["num_hidden_layers"], d.get("max_window_layers", d["num_hidden_layers"])
-            if mwl < n_layers and d.get("sliding_window"):
-                sliding = int(d["sliding_window"])
-        qkv_bias = mt == "qwen2" or bool(d.get("attention_bias", False))
-        known = {"model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                 "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
-                 "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "tie_word_embeddings",
-                 "attention_bias", "mlp_bias", "sliding_window", "use_sliding_window", "layer_types",
-                 "max_window_layers", "bos_token_id", "eos_token_id", "pad_token_id", "hidden_act",
-                 "architectures", "torch_dtype", "dtype", "transformers_version"}
-        return cls(
-            model_type=mt,
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"],
-            num_layers=d["num_hidden_layers"],
-            num_heads=d["num_attention_heads"],
-            num_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-            head_dim=d.get("head_dim") or 0,
-            max_position_embeddings=d.get("max_position_embeddings", 2048),
-            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta),
-            rope_scaling=scaling,
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            qkv_bias=qkv_bias,
-            o_bias=mt != "qwen2" and bool(d.get("attention_bias", False)),
-            mlp_bias=bool(d.get("mlp_bias", False)),
-            sliding_window=sliding,
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_id=d.get("eos_token_id"),
-            pad_token_id=d.get("pad_token_id"),
-            extra={k: v for k, v in d.items() if k not in known},
-        )
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise ModelConfigError(f"{path}: not found")
-        try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ModelConfigError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise ModelConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
-        return cls.from_hf(d, where=str(path))
-
-    def to_hf(self, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-        d: dict[str, Any] = dict(self.extra)
-        d.update(
-            architectures=[arch[self.model_type]], model_type=self.model_type,
-            vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
-            num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
-            head_dim=self.head_dim, max_position_embeddings=self.max_position_embeddings,
-            rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta, rope_scaling=self.rope_scaling,
-            tie_word_embeddings=self.tie_word_embeddings, hidden_act="silu",
-            bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
-            torch_dtype=str(dtype).removeprefix("torch."),
-        )
-        if self.model_type == "llama":
-            d.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
-        if self.model_type == "mistral":
-            d["sliding_window"] = self.sliding_window
-        if self.model_type == "qwen2":
-            d.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.num_layers)
-        return d
 
     def num_params(self) -> int:
         h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
@@ -210,8 +100,8 @@ def apply_rope_qk(q, k, cos, sin):
 
 
 # ------------------------------------------------------------------------------------------------
-# layer functions: these are the "torch" kernels of ftcore.kernels; `Transformer(kernels=...)`
-# swaps in others by name (e.g. the fused Triton ones) for rmsnorm, rope and swiglu
+# layer functions: these are what runs, and the "torch" kernels of ftcore.kernels;
+# `Transformer(kernels=...)` swaps in others by name (e.g. the fused Triton ones)
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # normalise in fp32, scale in the input dtype: the same rounding as the HF reference
@@ -225,6 +115,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def layer_kernel(kind: str, name: str = "torch"):
+    """None for the default ("torch": the function above runs), else the registered kernel."""
+    if name == "torch":
+        return None
     from ftcore.kernels import get_kernel  # lazily: a Triton kernel imports triton when first got
     return get_kernel(kind, name)
 
@@ -237,10 +130,12 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-        self.norm_fn = layer_kernel("rmsnorm", kernel)
+        self.kernel = layer_kernel("rmsnorm", kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm_fn(x, self.weight, self.eps)
+        if self.kernel is not None:
+            return self.kernel(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
     def reset_parameters(self):
         nn.init.ones_(self.weight)
@@ -269,7 +164,7 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, rope: str = "torch"):
         super().__init__()
-        self.rope_fn = layer_kernel("rope", rope)
+        self.rope_kernel = layer_kernel("rope", rope)
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         h = cfg.hidden_size
@@ -283,7 +178,7 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        q, k = self.rope_fn(q, k, cos, sin)
+        q, k = (self.rope_kernel or apply_rope_qk)(q, k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
         y = mask.attend(q, k, v)
@@ -293,14 +188,14 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, swiglu: str = "torch"):
         super().__init__()
-        self.swiglu_fn = layer_kernel("swiglu", swiglu)
+        self.swiglu_kernel = layer_kernel("swiglu", swiglu)
         h, i = cfg.hidden_size, cfg.intermediate_size
         self.w_gate = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.w_up = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.w_down = nn.Linear(i, h, bias=cfg.mlp_bias)
 
     def forward(self, x):
-        return self.w_down(self.swiglu_fn(self.w_gate(x), self.w_up(x)))
+        return self.w_down((self.swiglu_kernel or swiglu)(self.w_gate(x), self.w_up(x)))
 
 
 class Block(nn.Module):
@@ -387,13 +282,14 @@ def cache_mask(cache: KVCache, attention_mask: torch.Tensor | None, t: int) -> A
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, loss: str = "torch", kernels: dict[str, str] | None = None):
         super().__init__()
-        from ftcore.kernels import LAYER_KINDS
         self.config = cfg
         self.loss = loss  # a name in ftcore.kernels' registry
         # per layer kind ("rmsnorm", "rope", "swiglu"), a name in the registry; missing = "torch"
         self.kernels = dict(kernels or {})
-        if unknown := sorted(set(self.kernels) - set(LAYER_KINDS)):
-            raise ValueError(f"kernels: unknown layer kind(s) {unknown}; kinds: {', '.join(LAYER_KINDS)}")
+        if self.kernels:
+            from ftcore.kernels import LAYER_KINDS
+            if unknown := sorted(set(self.kernels) - set(LAYER_KINDS)):
+                raise ValueError(f"kernels: unknown layer kind(s) {unknown}; kinds: {', '.join(LAYER_KINDS)}")
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i, self.kernels) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.kernels.get("rmsnorm", "torch"))

@@ -54,20 +54,43 @@ def lr_lambda(cfg: Config):
     return f
 
 
+def pretrain_lr_lambda(steps: int):
+    """The quickstart base's schedule: linear warmup over steps // 20, cosine over all steps, never
+    below 0.1. Not lr_lambda: changing it would change every quickstart base model and its story."""
+    warmup = max(1, steps // 20)
+
+    def f(step: int) -> float:
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, steps))))
+        return min((step + 1) / warmup, cosine) * 0.9 + 0.1
+
+    return f
+
+
 def build_optimizer(model, cfg: Config, device: torch.device):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.train.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]  # norms and biases
-    make = functools.partial(_adamw, cfg, fused=device.type == "cuda" and not cfg.train.cpu_offload)
+    make = functools.partial(_adamw, cfg, fused=fused_adamw(cfg, device))
     opt = OptimizerInBackward(groups, make) if cfg.train.optimizer_in_backward else make(groups)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+
+
+def fused_adamw(cfg: Config, device: torch.device) -> bool:
+    """torch's fused AdamW on CUDA; not with CPU offload (the step then runs on the CPU)."""
+    return device.type == "cuda" and not cfg.train.cpu_offload
+
+
+def uses_torch_adamw(cfg: Config, params_fp32: bool) -> bool:
+    """torch's AdamW for fp32 weights and states; else ftcore's AdamW (bf16 states, stochastic
+    rounding), which works in fp32 slices of CHUNK elements."""
+    t = cfg.train
+    return params_fp32 and t.optimizer_state_dtype == "float32" and not t.stochastic_rounding
 
 
 def _adamw(cfg: Config, groups: list[dict], fused: bool) -> torch.optim.Optimizer:
     t = cfg.train
     state_dtype = getattr(torch, t.optimizer_state_dtype)
-    all_fp32 = all(p.dtype == torch.float32 for g in groups for p in g["params"])
-    if all_fp32 and state_dtype == torch.float32 and not t.stochastic_rounding:
+    if uses_torch_adamw(cfg, all(p.dtype == torch.float32 for g in groups for p in g["params"])):
         return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
     return AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), state_dtype=state_dtype,
                  stochastic_rounding=t.stochastic_rounding)

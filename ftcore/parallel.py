@@ -54,8 +54,8 @@ def init_distributed(device_pref: str = "auto", need_group: bool = False, cpu_co
     return Dist(device=device)
 
 
-def barrier(d: Dist) -> None:
-    if dist.is_initialized() and d.world_size > 1:
+def barrier(proc: Dist) -> None:
+    if dist.is_initialized() and proc.world_size > 1:
         dist.barrier()
 
 
@@ -73,31 +73,31 @@ def shutdown() -> None:
 # ------------------------------------------------------------------------------------------------
 # FSDP2
 
-def apply_fsdp(model: torch.nn.Module, d: Dist, precision: str, reshard_after_forward: bool = True,
+def apply_fsdp(model: torch.nn.Module, proc: Dist, precision: str, reshard_after_forward: bool = True,
                cpu_offload: bool = False):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    d.mesh = init_device_mesh(d.device.type, (d.world_size,))
+    proc.mesh = init_device_mesh(proc.device.type, (proc.world_size,))
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if precision == "bf16-mixed" else MixedPrecisionPolicy())
     # cpu_offload: sharded params (so the optimizer step and its states) and gradients live in pinned
     # CPU memory; each unit's shard is copied to the GPU for its all-gather
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     for block in model.layers:
-        fully_shard(block, mesh=d.mesh, mp_policy=mp, offload_policy=offload,
+        fully_shard(block, mesh=proc.mesh, mp_policy=mp, offload_policy=offload,
                     reshard_after_forward=reshard_after_forward)
     # the root unit holds embed, final norm and lm_head: a tied embedding/lm_head weight must live
     # in one unit. It is needed again right after forward (loss, then backward), so keep it whole.
-    fully_shard(model, mesh=d.mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=False)
+    fully_shard(model, mesh=proc.mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=False)
     return model
 
 
-def grad_scale_for_reduction(d: Dist, fsdp: bool) -> float:
+def grad_scale_for_reduction(proc: Dist, fsdp: bool) -> float:
     """FSDP averages gradients over ranks; the loss is already divided by the global token count of
     the step, so each rank multiplies its loss by the world size to turn that average back into a
     sum. (A divide factor of 1 would say the same, but it needs PREMUL_SUM, which gloo lacks.)"""
-    return float(d.world_size) if fsdp else 1.0
+    return float(proc.world_size) if fsdp else 1.0
 
 
 # ------------------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ loads it through from_pretrained like any other checkpoint.
 """
 from __future__ import annotations
 
-import math
 import os
 import shutil
 from pathlib import Path
@@ -16,6 +15,7 @@ from tqdm import tqdm
 
 from ftcore.config import Config
 from ftcore.model import ModelConfig, Transformer
+from ftcore.optim import pretrain_lr_lambda
 from ftcore.tokenizer import Tokenizer
 from ftcore.weights import save_pretrained
 
@@ -52,9 +52,7 @@ def pretrain_base(cfg: Config, out_dir: Path, device: torch.device) -> Path:
     model = Transformer(mcfg).to(device)
     model.init_weights(seed=cfg.run.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    warmup = max(1, p.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, p.steps))))) * 0.9 + 0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, pretrain_lr_lambda(p.steps))
 
     g = torch.Generator().manual_seed(cfg.run.seed)
     n_windows = len(stream) - p.seq_len - 1

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections import Counter
 from pathlib import Path
+
+from ftcore.files import write_atomic
 
 SECTIONS = ("baseline", "base", "base_kshot", "finetuned")
 _TITLES = {"baseline": "baseline", "base": "base", "base_kshot": "base k-shot", "finetuned": "fine-tuned"}
@@ -193,12 +194,6 @@ def pick_samples(outputs: dict[str, dict[str, list[dict]]], per_task: int) -> li
             samples.append({"task": task, "prompt": first["prompt"], "reference": first["reference"],
                             "outputs": {s: r["output"] for s, r in rows.items()}})
     return samples
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
 
 
 def write_generations(run_dir, section: str, outputs: dict[str, list[dict]]) -> None:

@@ -174,6 +174,21 @@ class Template:
 
 
 # ----------------------------------------------------------------------------------------------
+# the standard instruction formats a record may come in (rendered whatever data.templates says)
+
+ALPACA = Template(
+    "instruction",
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n", "{output}")
+ALPACA_NO_INPUT = Template(
+    "instruction",
+    "Below is an instruction that describes a task. Write a response that appropriately completes "
+    "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n", "{output}")
+PROMPT_COMPLETION = Template("prompt_completion", "{prompt}", "{completion}")
+
+
+# ----------------------------------------------------------------------------------------------
 # built-in templates for review records (rating 1-5, summary, text, optional product)
 # and for translation records (source, target, optional source_lang/target_lang)
 

@@ -23,6 +23,8 @@ from typing import Any, Iterable
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+from ftcore.files import write_atomic
+
 
 class TokenizerError(ValueError):
     """A missing or inconsistent tokenizer file: the message names the file and the token."""
@@ -132,9 +134,7 @@ class Tokenizer:
         self.tok.save(str(tmp))
         os.replace(tmp, path / "tokenizer.json")
         for name, obj in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
-            (path / (name + ".tmp")).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n",
-                                                encoding="utf-8")
-            os.replace(path / (name + ".tmp"), path / name)
+            write_atomic(path / name, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
     def generation_config(self) -> dict[str, Any]:
         """The token ids for generation_config.json (eos_token_id a list when there are several)."""

@@ -3,15 +3,15 @@
     base model ── eval (zero-shot, k-shot) ── fine-tune ── export final/ ── eval ── report
 
 The loss of an optimizer step is the sum of per-token cross-entropy over every completion token of
-the step (all micro-batches, all ranks) divided by that global count (DESIGN.md, "Rules of the loss").
+the step (all micro-batches, all ranks) divided by that global count (docs/design.md, "Rules of the loss").
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import math
-import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from ftcore import checkpoint as ckpt
 from ftcore.config import Config, ConfigError, accumulation_steps, check_kernels, to_toml
-from ftcore.data import Example, StepSampler, format_stats, micro_batches, prepare_datasets
+from ftcore.data import Datasets, Example, StepSampler, collate, format_stats, micro_batches, prepare_datasets
+from ftcore.files import write_atomic
 from ftcore.memory import peak_mem_bytes
 from ftcore.model import IGNORE_INDEX, Transformer
 from ftcore.offload import ActivationOffload
@@ -36,11 +37,6 @@ class NonFiniteError(RuntimeError):
 
 # ------------------------------------------------------------------------------------------------
 # the step
-
-def n_targets(ex: Example) -> int:
-    """Completion tokens an example contributes once labels are shifted (labels[t] = token t+1)."""
-    return sum(1 for t in ex.labels[1:] if t != IGNORE_INDEX)
-
 
 def train_step(model, optimizer, batches: list[dict], n_target_global: int, autocast, grad_clip: float,
                reduce_scale: float = 1.0, offload=contextlib.nullcontext()):
@@ -104,17 +100,17 @@ def import_plugins(cfg: Config) -> None:
             raise ConfigError(f"train.plugins: cannot import {name!r} ({e})") from None
 
 
-def build_model(cfg: Config, model_dir: Path, d: Dist) -> Transformer:
+def build_model(cfg: Config, model_dir: Path, proc: Dist) -> Transformer:
     import_plugins(cfg)
     check_kernels(cfg.train.kernels)  # again: plugins may have registered the names
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    model = Transformer.from_pretrained(model_dir, dtype=dtype, device=d.device, loss=resolve_loss(cfg, d.device),
+    model = Transformer.from_pretrained(model_dir, dtype=dtype, device=proc.device, loss=resolve_loss(cfg, proc.device),
                                         kernels=cfg.train.kernels)
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
     if cfg.train.compile:
         apply_compile(model)
-    if use_fsdp(cfg, d.world_size):
-        apply_fsdp(model, d, cfg.train.precision, cfg.train.reshard_after_forward, cfg.train.cpu_offload)
+    if use_fsdp(cfg, proc.world_size):
+        apply_fsdp(model, proc, cfg.train.precision, cfg.train.reshard_after_forward, cfg.train.cpu_offload)
     return model
 
 
@@ -136,9 +132,7 @@ class MetricsLog:
                     continue  # torn write of a killed run
                 if rec.get("step", 0) <= resume_step:
                     kept.append(line)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(l + "\n" for l in kept))
-            os.replace(tmp, path)
+            write_atomic(path, "".join(l + "\n" for l in kept))
         elif enabled and resume_step is None and path.exists():
             path.unlink()
 
@@ -152,20 +146,20 @@ class MetricsLog:
 # validation loss: every rank runs the same number of forwards (FSDP all-gathers in each)
 
 @torch.no_grad()
-def validation_loss(model, examples: list[Example], cfg: Config, d: Dist, autocast, pad_id: int) -> float:
+def validation_loss(model, examples: list[Example], cfg: Config, proc: Dist, autocast, pad_id: int) -> float:
     if not examples:
         return float("nan")
     m = cfg.train.micro_batch_size
     groups = [examples[i:i + m] for i in range(0, len(examples), m)]
-    per_rank = math.ceil(len(groups) / d.world_size)
-    mine = groups[d.rank::d.world_size]
+    per_rank = math.ceil(len(groups) / proc.world_size)
+    mine = groups[proc.rank::proc.world_size]
     was_training = model.training
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=d.device)
+    total = torch.zeros(2, dtype=torch.float64, device=proc.device)
     for i in range(per_rank):
         group = mine[i] if i < len(mine) else groups[0]
-        (batch,) = micro_batches(group, len(group), 1, 0, 1, "pad", pad_id, cfg.data.max_seq_len)
-        batch = to_device(batch, d.device)
+        batch = collate(group, mode="pad", pad_id=pad_id)
+        batch = to_device(batch, proc.device)
         if i >= len(mine):
             batch["labels"].fill_(IGNORE_INDEX)  # a filler forward so ranks stay in step
         with autocast:
@@ -180,7 +174,7 @@ def validation_loss(model, examples: list[Example], cfg: Config, d: Dist, autoca
 # ------------------------------------------------------------------------------------------------
 # the run
 
-def prepare_base(cfg: Config, run_dir: Path, d: Dist) -> Path:
+def prepare_base(cfg: Config, run_dir: Path, proc: Dist) -> Path:
     """The base model directory: model.path, or a tiny model pretrained here from scratch."""
     if cfg.model.path:
         path = Path(cfg.model.path)
@@ -189,25 +183,28 @@ def prepare_base(cfg: Config, run_dir: Path, d: Dist) -> Path:
         return path
     from ftcore.pretrain import pretrain_base
     base = run_dir / "base"
-    if d.is_main and not (base / "config.json").is_file():
-        pretrain_base(cfg, base, d.device)
-    barrier(d)  # the other ranks wait for rank 0's tokenizer and base model
+    if proc.is_main and not (base / "config.json").is_file():
+        pretrain_base(cfg, base, proc.device)
+    barrier(proc)  # the other ranks wait for rank 0's tokenizer and base model
     return base
 
 
 def train(cfg: Config) -> dict:
-    """One run in cfg.run.dir, holding its lock (ftcore.rundir) from start to end."""
-    d = init_distributed(cfg.train.device, need_group=use_fsdp(cfg, 1), cpu_collectives=cfg.train.cpu_offload)
-    validate_switches(cfg, d.device, accumulation_steps(cfg, d.world_size))  # before anything is written
-    lock = RunLock(Path(cfg.run.dir)) if d.is_main else None
+    """One run in cfg.run.dir, holding its lock (ftcore.rundir) from start to end: set-up (checks,
+    base model, data, base evaluation), the fine-tuning loop, finish (export, evaluation, report)."""
+    proc = init_distributed(cfg.train.device, need_group=use_fsdp(cfg, 1), cpu_collectives=cfg.train.cpu_offload)
+    validate_switches(cfg, proc.device, accumulation_steps(cfg, proc.world_size))  # before anything is written
+    lock = RunLock(Path(cfg.run.dir)) if proc.is_main else None
     try:
-        return _run(cfg, d)
+        run = set_up(cfg, proc)
+        model = fine_tune(cfg, proc, run)
+        return finish(cfg, proc, run, model)
     finally:
         if lock is not None:
             lock.release()
 
 
-def check_splits(cfg: Config, datasets) -> None:
+def check_splits(cfg: Config, datasets: Datasets) -> None:
     """An empty validation or test split would give a NaN loss or an empty report after training."""
     n = sum(len(r) for r in datasets.records.values())
     for split, needed, why in (("validation", cfg.eval.every > 0, "eval.every=0"),
@@ -217,147 +214,185 @@ def check_splits(cfg: Config, datasets) -> None:
                               f"raise its ratio in data.split, or set {why}")
 
 
-def _run(cfg: Config, d: Dist) -> dict:
+@dataclass
+class Run:
+    """What set-up hands to the loop and to the finish."""
+    dir: Path
+    resume_from: Path | None
+    base_dir: Path
+    tokenizer: Tokenizer
+    datasets: Datasets
+    results: dict                                            # eval.json so far (baselines, base)
+    phase_s: dict[str, float] = field(default_factory=dict)  # wall time per phase, printed at the end
+    t_start: float = field(default_factory=time.perf_counter)
+
+    def phase_done(self, name: str, t_phase: float) -> None:
+        self.phase_s[name] = time.perf_counter() - t_phase
+
+
+def set_up(cfg: Config, proc: Dist) -> Run:
     torch.manual_seed(cfg.run.seed)
     run_dir = Path(cfg.run.dir)
-    accum = accumulation_steps(cfg, d.world_size)
-    report = print if d.is_main else (lambda *_: None)
+    say = print if proc.is_main else (lambda *_: None)
 
     # the run directory, before any expensive work: a fresh run never mixes with an old one, and a
     # resume follows the recorded config
     ckpt_root = run_dir / "checkpoints"
-    if d.is_main:
+    if proc.is_main:
         ckpt.cleanup_partial(ckpt_root)
-    barrier(d)
+    barrier(proc)
     if cfg.train.resume == "never":
         check_fresh_start(run_dir, ckpt.checkpoints(ckpt_root))
-    resume_from = ckpt.latest_checkpoint(ckpt_root, report) if cfg.train.resume == "auto" else None
+    resume_from = ckpt.latest_checkpoint(ckpt_root, say) if cfg.train.resume == "auto" else None
     if resume_from is not None:
-        check_resume_config(run_dir, cfg, report)
+        check_resume_config(run_dir, cfg, say)
 
-    phase_s: dict[str, float] = {}  # wall time per phase, printed at the end
-    t_phase = t_start = time.perf_counter()
-    base_dir = prepare_base(cfg, run_dir, d)
-    if not cfg.model.path:
-        phase_s["pretrain"] = time.perf_counter() - t_phase
+    t_start = time.perf_counter()
+    base_dir = prepare_base(cfg, run_dir, proc)
+    pretrain_s = time.perf_counter() - t_start
     tokenizer = Tokenizer.from_dir(base_dir)
     datasets = prepare_datasets(cfg, tokenizer)
     check_splits(cfg, datasets)
-    if d.is_main:
+    if proc.is_main:
         print(format_stats(datasets.stats), flush=True)
-        (run_dir / "config.toml").write_text(to_toml(cfg))  # validated: this is what runs
-    barrier(d)
+        write_atomic(run_dir / "config.toml", to_toml(cfg))  # validated: this is what runs
+    barrier(proc)
+    run = Run(run_dir, resume_from, base_dir, tokenizer, datasets, results={}, t_start=t_start)
+    if not cfg.model.path:
+        run.phase_s["pretrain"] = pretrain_s
 
-    from ftcore.evaluate import baseline_for_run, evaluate_for_run, write_report
-    results: dict = baseline_for_run(cfg, tokenizer, datasets) if d.is_main and (cfg.eval.base or cfg.eval.final) else {}
+    from ftcore.evaluate import baseline_for_run, evaluate_for_run
+    if proc.is_main and (cfg.eval.base or cfg.eval.final):
+        run.results = baseline_for_run(cfg, tokenizer, datasets)
+    t_phase = time.perf_counter()
     base_results_path = run_dir / "eval_base.json"
-    t_phase = time.perf_counter()
     if cfg.eval.base:
-        if d.is_main:
+        if proc.is_main:
             if resume_from is not None and base_results_path.is_file():  # a resumed run does not evaluate the base twice
-                results.update(json.loads(base_results_path.read_text()))
+                run.results.update(json.loads(base_results_path.read_text()))
             else:
-                results.update(evaluate_for_run(cfg, base_dir, tokenizer, datasets, d.device, base=True))
-                _write_json(base_results_path, results)
-        barrier(d)
+                run.results.update(evaluate_for_run(cfg, base_dir, tokenizer, datasets, proc.device, base=True))
+                _write_json(base_results_path, run.results)
+        barrier(proc)
+    run.phase_done("base eval", t_phase)
+    return run
 
-    phase_s["base eval"] = time.perf_counter() - t_phase
+
+def fine_tune(cfg: Config, proc: Dist, run: Run):
+    """The loop: every step's examples from the sampler, its micro-batches on this rank, one update.
+    Returns the trained model."""
     t_phase = time.perf_counter()
-    model = build_model(cfg, base_dir, d)
-    reduce_scale = grad_scale_for_reduction(d, use_fsdp(cfg, d.world_size))
-    optimizer, scheduler = build_optimizer(model, cfg, d.device)
-    autocast = autocast_context(cfg, d.device)
-    offload = ActivationOffload(d.device) if cfg.train.activation_offload else contextlib.nullcontext()
-    sampler = StepSampler(len(datasets.train), cfg.train.global_batch_size, cfg.run.seed)
+    model = build_model(cfg, run.base_dir, proc)
+    reduce_scale = grad_scale_for_reduction(proc, use_fsdp(cfg, proc.world_size))
+    optimizer, scheduler = build_optimizer(model, cfg, proc.device)
+    autocast = autocast_context(cfg, proc.device)
+    offload = ActivationOffload(proc.device) if cfg.train.activation_offload else contextlib.nullcontext()
+    train_set, accum, pad_id = run.datasets.train, accumulation_steps(cfg, proc.world_size), run.tokenizer.pad_id
+    sampler = StepSampler(len(train_set), cfg.train.global_batch_size, cfg.run.seed)
     # per example, once: the step's global counts are then a sum of global-batch-size lookups
-    train_targets = [n_targets(ex) for ex in datasets.train]
-    train_tokens = [len(ex.input_ids) - 1 for ex in datasets.train]
+    train_targets = [ex.num_targets for ex in train_set]
+    train_tokens = [len(ex.input_ids) - 1 for ex in train_set]
 
     start_step, tokens_seen = 0, 0
-    if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, model, optimizer, d)
+    if run.resume_from is not None:
+        state = ckpt.load_checkpoint(run.resume_from, model, optimizer, proc)
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         start_step, tokens_seen = state["step"], state["tokens"]
-        if d.is_main:
-            print(f"resumed from {resume_from} (step {start_step})", flush=True)
-    log = MetricsLog(run_dir / "metrics.jsonl", start_step if resume_from else None, d.is_main)
+        if proc.is_main:
+            print(f"resumed from {run.resume_from} (step {start_step})", flush=True)
+    log = MetricsLog(run.dir / "metrics.jsonl", start_step if run.resume_from else None, proc.is_main)
 
-    bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", disable=not (d.is_main and cfg.log.progress),
-               dynamic_ncols=True)
+    bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train",
+               disable=not (proc.is_main and cfg.log.progress), dynamic_ncols=True)
     model.train()
-    skipped_in_a_row = 0
+    skipped = NonFiniteSkips(cfg, bar if proc.is_main else None)
     for step in range(start_step, cfg.train.max_steps):
         t0 = time.perf_counter()
         indices = sampler.indices(step)
-        examples = [datasets.train[i] for i in indices]
         n_target = sum(train_targets[i] for i in indices)
         step_tokens = sum(train_tokens[i] for i in indices)
-        batches = micro_batches(examples, cfg.train.micro_batch_size, accum, d.rank, d.world_size,
-                                cfg.data.batching, tokenizer.pad_id, cfg.data.max_seq_len)
-        loss_sum, grad_norm = train_step(model, optimizer, [to_device(b, d.device) for b in batches],
+        batches = micro_batches([train_set[i] for i in indices], cfg.train.micro_batch_size, accum_steps=accum,
+                                rank=proc.rank, world_size=proc.world_size, mode=cfg.data.batching, pad_id=pad_id,
+                                max_seq_len=cfg.data.max_seq_len)
+        loss_sum, grad_norm = train_step(model, optimizer, [to_device(b, proc.device) for b in batches],
                                          n_target, autocast, cfg.train.grad_clip, reduce_scale, offload)
         all_reduce_sum(loss_sum)
         loss, gnorm = torch.stack([loss_sum.float() / max(n_target, 1), grad_norm.float()]).tolist()  # the step's one host sync
         lr = scheduler.get_last_lr()[0]
-        if not (math.isfinite(loss) and math.isfinite(gnorm)):
-            if cfg.train.nonfinite == "stop":
-                raise NonFiniteError(f"step {step + 1}: non-finite loss ({loss}) or grad norm ({gnorm}); "
-                                     "lower train.lr or set train.nonfinite=skip")
-            optimizer.zero_grad(set_to_none=True)  # skip: no update from this step
-            skipped_in_a_row += 1
-            if skipped_in_a_row >= cfg.train.max_skipped_steps:
-                raise NonFiniteError(f"step {step + 1}: {skipped_in_a_row} non-finite steps in a row were skipped "
-                                     f"(train.max_skipped_steps={cfg.train.max_skipped_steps}); lower train.lr")
-            if d.is_main:
-                bar.write(f"step {step + 1}: non-finite loss ({loss}) or grad norm ({gnorm}), update skipped")
-        else:
-            skipped_in_a_row = 0
+        if skipped.update_allowed(step, loss, gnorm):
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        sampler.load_state_dict({"step": step + 1})
+        sampler.seek(step + 1)
         tokens_seen += step_tokens
-        dt = time.perf_counter() - t0
+        step_s = time.perf_counter() - t0
         done = step + 1
 
         if done % cfg.log.every == 0 or done == cfg.train.max_steps:
             rec = {"step": done, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens": tokens_seen,
-                   "completion_tokens": n_target, "tokens_per_s": step_tokens / dt,
-                   "peak_mem_bytes": peak_mem_bytes(d.device)}
+                   "completion_tokens": n_target, "tokens_per_s": step_tokens / step_s,
+                   "peak_mem_bytes": peak_mem_bytes(proc.device)}
             log.write(rec)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / dt:.0f}",
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / step_s:.0f}",
                             mem=f"{rec['peak_mem_bytes'] / 2**30:.2f}G")
         if cfg.eval.every and done % cfg.eval.every == 0:
-            val = validation_loss(model, datasets.validation, cfg, d, autocast, tokenizer.pad_id)
+            val = validation_loss(model, run.datasets.validation, cfg, proc, autocast, pad_id)
             log.write({"step": done, "val_loss": val})
-            if d.is_main:
+            if proc.is_main:
                 bar.write(f"step {done}: val_loss {val:.4f}")
         if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < cfg.train.max_steps:
-            ckpt.save_checkpoint(ckpt_root, done, model, optimizer,
+            ckpt.save_checkpoint(run.dir / "checkpoints", done, model, optimizer,
                                  {"step": done, "tokens": tokens_seen, "scheduler": scheduler.state_dict(),
-                                  "sampler": sampler.state_dict()}, d, cfg.checkpoint.keep)
+                                  "sampler": sampler.state_dict()}, proc, cfg.checkpoint.keep)
         bar.update(1)
     bar.close()
+    run.phase_done("fine-tune", t_phase)
+    return model
 
-    phase_s["fine-tune"] = time.perf_counter() - t_phase
+
+class NonFiniteSkips:
+    """train.nonfinite: stop at a non-finite loss or gradient norm, or skip the update, but never
+    more than train.max_skipped_steps steps in a row."""
+
+    def __init__(self, cfg: Config, bar):
+        self.mode, self.limit, self.bar, self.in_a_row = cfg.train.nonfinite, cfg.train.max_skipped_steps, bar, 0
+
+    def update_allowed(self, step: int, loss: float, gnorm: float) -> bool:
+        if math.isfinite(loss) and math.isfinite(gnorm):
+            self.in_a_row = 0
+            return True
+        if self.mode == "stop":
+            raise NonFiniteError(f"step {step + 1}: non-finite loss ({loss}) or grad norm ({gnorm}); "
+                                 "lower train.lr or set train.nonfinite=skip")
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise NonFiniteError(f"step {step + 1}: {self.in_a_row} non-finite steps in a row were skipped "
+                                 f"(train.max_skipped_steps={self.limit}); lower train.lr")
+        if self.bar is not None:
+            self.bar.write(f"step {step + 1}: non-finite loss ({loss}) or grad norm ({gnorm}), update skipped")
+        return False
+
+
+def finish(cfg: Config, proc: Dist, run: Run, model) -> dict:
+    """Export final/, evaluate it, write the report and the curves; returns eval.json's content."""
+    from ftcore.evaluate import evaluate_for_run, write_report
     t_phase = time.perf_counter()
-    final_dir = run_dir / "final"
+    final_dir = run.dir / "final"
     if cfg.checkpoint.export_final or cfg.eval.final:
-        ckpt.export_hf(model, final_dir, d, tokenizer)
-    if cfg.eval.final and d.is_main:
-        results.update(evaluate_for_run(cfg, final_dir, tokenizer, datasets, d.device, base=False))
-    phase_s["export + final eval"] = time.perf_counter() - t_phase
-    if d.is_main and cfg.train.max_steps > 0:
-        draw_curves(run_dir)
-    if d.is_main and results:
-        report = write_report(run_dir, results, n_samples=cfg.eval.samples, shots=cfg.eval.shots)
-        print(report, flush=True)
-    if d.is_main:
-        print("time per phase: " + ", ".join(f"{k} {v:.0f} s" for k, v in phase_s.items()) +
-              f"; total {time.perf_counter() - t_start:.0f} s", flush=True)
-    barrier(d)
-    return results
+        ckpt.export_hf(model, final_dir, proc, run.tokenizer)
+    if cfg.eval.final and proc.is_main:
+        run.results.update(evaluate_for_run(cfg, final_dir, run.tokenizer, run.datasets, proc.device, base=False))
+    run.phase_done("export + final eval", t_phase)
+    if proc.is_main and cfg.train.max_steps > 0:
+        draw_curves(run.dir)
+    if proc.is_main and run.results:
+        print(write_report(run.dir, run.results, n_samples=cfg.eval.samples, shots=cfg.eval.shots), flush=True)
+    if proc.is_main:
+        print("time per phase: " + ", ".join(f"{k} {v:.0f} s" for k, v in run.phase_s.items()) +
+              f"; total {time.perf_counter() - run.t_start:.0f} s", flush=True)
+    barrier(proc)
+    return run.results
 
 
 def draw_curves(run_dir: Path) -> None:
@@ -370,6 +405,4 @@ def draw_curves(run_dir: Path) -> None:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2))

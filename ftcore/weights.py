@@ -14,59 +14,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ftcore.files import write_atomic
+from ftcore.hf import IGNORED_TENSORS, config_to_hf, hf_to_ours, ours_to_hf, read_config  # noqa: F401 (name mapping re-exported)
 from ftcore.model import ModelConfig, Transformer
-
-# HF name <-> our name; {i} is a layer index, {p} weight or bias
-_NAMES = [
-    ("model.embed_tokens.weight", "embed.weight"),
-    ("model.norm.weight", "norm.weight"),
-    ("lm_head.weight", "lm_head.weight"),
-    ("model.layers.{i}.self_attn.q_proj.{p}", "layers.{i}.attn.wq.{p}"),
-    ("model.layers.{i}.self_attn.k_proj.{p}", "layers.{i}.attn.wk.{p}"),
-    ("model.layers.{i}.self_attn.v_proj.{p}", "layers.{i}.attn.wv.{p}"),
-    ("model.layers.{i}.self_attn.o_proj.{p}", "layers.{i}.attn.wo.{p}"),
-    ("model.layers.{i}.mlp.gate_proj.{p}", "layers.{i}.mlp.w_gate.{p}"),
-    ("model.layers.{i}.mlp.up_proj.{p}", "layers.{i}.mlp.w_up.{p}"),
-    ("model.layers.{i}.mlp.down_proj.{p}", "layers.{i}.mlp.w_down.{p}"),
-    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.attn_norm.weight"),
-    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.mlp_norm.weight"),
-]
-
-
-def _pattern(template: str) -> re.Pattern:
-    rx = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
-    return re.compile(rx)
-
-
-_HF_TO_OURS = [(_pattern(hf), ours) for hf, ours in _NAMES]
-_OURS_TO_HF = [(_pattern(ours), hf) for hf, ours in _NAMES]
-# tensors some checkpoints carry that are derived, not learned
-_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 
 class WeightsError(ValueError):
     """A checkpoint that does not match the model: names the tensor and the file."""
-
-
-def _map(name: str, table) -> str | None:
-    for pat, template in table:
-        m = pat.fullmatch(name)
-        if m:
-            return template.format(**m.groupdict())
-    return None
-
-
-def hf_to_ours(name: str) -> str | None:
-    return _map(name, _HF_TO_OURS)
-
-
-def ours_to_hf(name: str) -> str:
-    hf = _map(name, _OURS_TO_HF)
-    if hf is None:
-        raise KeyError(name)
-    return hf
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -89,7 +45,7 @@ def _dtype_from_config(path: Path) -> torch.dtype:
 def load_pretrained(cls=Transformer, path=".", dtype=None, device=None, loss: str = "torch",
                     kernels: dict[str, str] | None = None) -> Transformer:
     path = Path(path)
-    cfg = ModelConfig.from_file(path)
+    cfg = read_config(path)
     dtype = dtype or _dtype_from_config(path)
     device = torch.device(device or "cpu")
     with torch.device("meta"):
@@ -105,7 +61,7 @@ def load_pretrained(cls=Transformer, path=".", dtype=None, device=None, loss: st
             raise WeightsError(f"{file}: not a readable safetensors file ({e})") from None
         with f:
             for hf_name in f.keys():
-                if _IGNORED.match(hf_name):
+                if IGNORED_TENSORS.match(hf_name):
                     continue
                 name = hf_to_ours(hf_name)
                 if name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -138,12 +94,6 @@ def _set_param(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
     mod_name, _, attr = name.rpartition(".")
     mod = model.get_submodule(mod_name)
     setattr(mod, attr, torch.nn.Parameter(value, requires_grad=getattr(mod, attr).requires_grad))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _readable(path: Path) -> None:
@@ -194,7 +144,7 @@ def save_pretrained(model: Transformer, path, tokenizer=None, state_dict: dict |
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total},
                  "weight_map": {n: f for shard, f in zip(shards, names) for n in shard}}
-        _atomic_write_text(path / "model.safetensors.index.json", json.dumps(index, indent=2))
+        write_atomic(path / "model.safetensors.index.json", json.dumps(index, indent=2))
     elif (path / "model.safetensors.index.json").exists():
         (path / "model.safetensors.index.json").unlink()
     # weights of an earlier save into this directory are stale: transformers prefers a
@@ -203,13 +153,13 @@ def save_pretrained(model: Transformer, path, tokenizer=None, state_dict: dict |
         if old.name not in names and re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", old.name):
             old.unlink()
 
-    hf = cfg.to_hf(out_dtype)
+    hf = config_to_hf(cfg, out_dtype)
     if tokenizer is not None:
         hf.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
-    _atomic_write_text(path / "config.json", json.dumps(hf, indent=2))
+    write_atomic(path / "config.json", json.dumps(hf, indent=2))
     gen = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf.get(k) is not None}
     if tokenizer is not None and len(getattr(tokenizer, "eos_ids", [])) > 1:
         gen["eos_token_id"] = list(tokenizer.eos_ids)
-    _atomic_write_text(path / "generation_config.json", json.dumps(gen, indent=2))
+    write_atomic(path / "generation_config.json", json.dumps(gen, indent=2))
     if tokenizer is not None:
         tokenizer.save(path)

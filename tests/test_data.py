@@ -375,8 +375,8 @@ def test_pack_doc_ids_and_positions_by_hand():
 
 def test_bucket_groups_similar_lengths(tok):
     ex = make_examples(tok, 32)[:32]
-    pad = micro_batches(ex, 4, 8, mode="pad", pad_id=tok.pad_id)
-    bucket = micro_batches(ex, 4, 8, mode="bucket", pad_id=tok.pad_id)
+    pad = micro_batches(ex, 4, accum_steps=8, mode="pad", pad_id=tok.pad_id)
+    bucket = micro_batches(ex, 4, accum_steps=8, mode="bucket", pad_id=tok.pad_id)
     cells = lambda mbs: sum(b["input_ids"].numel() for b in mbs)
     assert cells(bucket) < cells(pad)
     lengths = [max(len(e) for e in ex[g * 4:(g + 1) * 4]) for g in range(8)]
@@ -537,3 +537,14 @@ def test_review_rating_follows_the_wording():
         assert has(t, reviews.LUKEWARM) == (rating == 3) or (rating == 3 and has(t, reviews.MIXED)), t
     assert sum(r["rating"] == 4 and has(r["text"], reviews.SMALL_GRIPE) for r in records) > 40
     assert sum(r["rating"] == 2 and has(r["text"], reviews.SMALL_UPSIDE) for r in records) > 40
+
+
+def test_num_targets_counts_what_the_loss_sees():
+    """One definition of an example's target count, the one the loss normalises by: labels are
+    shifted in collate, so a label on the first token (no BOS, empty prompt) is never a target."""
+    no_prompt = Example("r0", "t", "generation", "", "ab", [5, 6, 7], [5, 6, 7], prompt_len=0)
+    with_prompt = Example("r1", "t", "generation", "p", "b", [0, 4, 6, 7], [IGNORE_INDEX, IGNORE_INDEX, 6, 7],
+                          prompt_len=2)
+    for mode in ("pad", "pack"):
+        batch = collate([no_prompt, with_prompt], mode=mode, pad_id=2, max_seq_len=8)
+        assert int((batch["labels"] != IGNORE_INDEX).sum()) == no_prompt.num_targets + with_prompt.num_targets == 4

@@ -236,6 +236,7 @@ def test_report_samples_from_generation_files(tmp_path):
     assert len(read_generations(tmp_path, ["base", "finetuned"])["base"]["rating"]) == 4
     md = write_report(tmp_path, {"base": RESULTS["base"], "finetuned": RESULTS["finetuned"]}, n_samples=2)
     assert md.count("### rating") == 2 and "| 5 | three | 5 |" in md
+    assert md.count("| reference |") == 2  # each example's table once (the last one was printed twice)
 
 
 def test_run_eval_end_to_end(tmp_path):

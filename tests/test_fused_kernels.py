@@ -339,14 +339,14 @@ def test_from_pretrained_and_build_model_pass_kernels(tmp_path):
 
     save_pretrained(tiny_model(), tmp_path)
     model = Transformer.from_pretrained(tmp_path, kernels={"rope": "triton"})
-    assert model.layers[0].attn.rope_fn is get_kernel("rope", "triton")
-    assert model.layers[0].attn_norm.norm_fn is rms_norm
+    assert model.layers[0].attn.rope_kernel is get_kernel("rope", "triton")
+    assert model.layers[0].attn_norm.kernel is None  # the default: model.rms_norm runs
     cfg = Config()
     cfg.train.kernels = dict(ALL_TRITON)
     cfg.train.loss = "torch"
     model = build_model(cfg, tmp_path, Dist())
-    assert model.norm.norm_fn is get_kernel("rmsnorm", "triton")
-    assert model.layers[1].mlp.swiglu_fn is get_kernel("swiglu", "triton")
+    assert model.norm.kernel is get_kernel("rmsnorm", "triton")
+    assert model.layers[1].mlp.swiglu_kernel is get_kernel("swiglu", "triton")
     cfg.train.kernels = {"swiglu": "nope"}
     with pytest.raises(ConfigError, match="train.kernels.swiglu: unknown kernel 'nope'"):
         build_model(cfg, tmp_path, Dist())

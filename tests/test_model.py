@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import ftcore.model as fm
+from ftcore.hf import config_from_hf, read_config
 from ftcore.model import ModelConfig, ModelConfigError, Transformer, document_mask
 from ftcore.weights import ours_to_hf
 
@@ -153,8 +154,8 @@ def test_classic_and_transformers5_configs_parse_the_same(form, tmp_path):
     (tmp_path / "classic").mkdir()
     (tmp_path / "classic" / "config.json").write_text(json.dumps({**SHAPE, **classic}))
 
-    a = ModelConfig.from_file(tmp_path / "t5")
-    b = ModelConfig.from_file(tmp_path / "classic")
+    a = read_config(tmp_path / "t5")
+    b = read_config(tmp_path / "classic")
     assert _no_extra(a) == _no_extra(b)
     assert a.sliding_window is None                   # none of these uses a window <= 256
     if "rope_scaling" in classic and classic["rope_scaling"]:
@@ -181,7 +182,7 @@ def _classic(**kw):
 ], ids=["gpt2", "no-model_type", "yarn-classic", "yarn-t5", "dynamic", "layer_types", "gelu"])
 def test_config_refusals_name_the_field(d, words):
     with pytest.raises(ModelConfigError) as e:
-        ModelConfig.from_hf(d, where="x/config.json")
+        config_from_hf(d, where="x/config.json")
     msg = str(e.value)
     assert "\n" not in msg and "x/config.json" in msg
     for w in words:
@@ -209,7 +210,7 @@ def test_mistral_sliding_window_refused_only_when_in_use(tmp_path):
 
 
 def test_qwen2_classic_sliding_window_in_use_refused_at_forward():
-    cfg = ModelConfig.from_hf({**SHAPE, "model_type": "qwen2", "use_sliding_window": True,
+    cfg = config_from_hf({**SHAPE, "model_type": "qwen2", "use_sliding_window": True,
                                "sliding_window": 16, "max_window_layers": 1})
     assert cfg.sliding_window == 16
     model = Transformer(cfg)

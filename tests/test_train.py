@@ -70,7 +70,7 @@ def _step_grads(tiny_setup, tmp_path, micro: int, ac: str = "none"):
     """Gradients of the first optimizer step of a global batch of 8, via the loop's own pieces."""
     from ftcore.data import StepSampler, micro_batches, prepare_datasets
     from ftcore.parallel import apply_activation_checkpointing
-    from ftcore.train import n_targets, train_step
+    from ftcore.train import train_step
     import contextlib
     cfg = load_config(None, _overrides(tiny_setup, tmp_path / "g", train__micro_batch_size=micro,
                                        data__templates='["review", "rating"]'))
@@ -79,9 +79,9 @@ def _step_grads(tiny_setup, tmp_path, micro: int, ac: str = "none"):
     model = Transformer.from_pretrained(tiny_setup / "base")
     apply_activation_checkpointing(model, ac)
     ex = [ds.train[i] for i in StepSampler(len(ds.train), 8, 0).indices(0)]
-    lengths = sorted(n_targets(e) for e in ex)
-    batches = micro_batches(ex, micro, 8 // micro, 0, 1, "pad", tok.pad_id, cfg.data.max_seq_len)
-    loss_sum, _ = train_step(model, None, batches, sum(n_targets(e) for e in ex), contextlib.nullcontext(), 0.0)
+    lengths = sorted(e.num_targets for e in ex)
+    batches = micro_batches(ex, micro, accum_steps=8 // micro, pad_id=tok.pad_id)
+    loss_sum, _ = train_step(model, None, batches, sum(e.num_targets for e in ex), contextlib.nullcontext(), 0.0)
     return loss_sum, {n: p.grad.clone() for n, p in model.named_parameters()}, lengths
 
 

@@ -1,0 +1,175 @@
+"""Rendering: a record + a template, or the record's own instruction format (chat messages,
+Alpaca instruction/input/output, prompt/completion), -> prompt and completion text; the training
+mix (template weights, paraphrases) and class balancing."""
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+
+from ftcore.records import DataError
+from ftcore.templates import (ALPACA, ALPACA_NO_INPUT, PROMPT_COMPLETION, MissingField, Template, TemplateError,
+                              training_variants)
+
+
+# ----------------------------------------------------------------------------------------------
+# rendering: a record + a template (or its own instruction format) -> text segments
+
+@dataclass
+class Rendered:
+    """segments: the texts in order with whether they carry loss; the last one is the completion.
+    prompt/completion are the texts evaluation uses (prompt = every segment before the last)."""
+    record_id: str
+    template: str
+    kind: str
+    prompt: str
+    completion: str
+    segments: list[tuple[str, bool]]
+
+    @classmethod
+    def simple(cls, prompt: str, completion: str, record_id: str = "", template: str = "",
+               kind: str = "generation") -> "Rendered":
+        return cls(record_id, template, kind, prompt, completion, [(prompt, False), (completion, True)])
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    header: str  # before each message, {role} filled in
+    end: str     # after each message's content; carries loss on assistant turns (the model learns to stop)
+    sep: str     # between messages
+
+
+CHAT_FORMATS = {
+    "chatml": ChatFormat("<|im_start|>{role}\n", "<|im_end|>", "\n"),
+    "llama3": ChatFormat("<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>", ""),
+}
+_ROLES = {"system": "system", "user": "user", "assistant": "assistant",
+          "human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
+
+
+def record_format(record: dict) -> str | None:
+    """'chat' | 'instruction' | 'prompt_completion', or None: rendered with data.templates."""
+    if "messages" in record:
+        return "chat"
+    if "instruction" in record and "output" in record:
+        return "instruction"
+    if "prompt" in record and "completion" in record:
+        return "prompt_completion"
+    return None
+
+
+def render_chat(record: dict, chat_format: str = "chatml") -> Rendered:
+    """Every assistant turn carries loss (content + end token); messages after the last assistant
+    turn are dropped (nothing to learn from them). No assistant turn: MissingField."""
+    fmt = CHAT_FORMATS[chat_format]
+    where = record.get("_where", "record")
+    msgs = record["messages"]
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+    turns = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: messages[{i}] must be an object with role and content")
+        role, content = m.get("role", m.get("from")), m.get("content", m.get("value"))
+        if role not in _ROLES:
+            raise DataError(f"{where}: messages[{i}]: unknown role {role!r} (system, user, assistant)")
+        if not isinstance(content, str):
+            raise DataError(f"{where}: messages[{i}]: content must be a string, got {type(content).__name__}")
+        turns.append((_ROLES[role], content))
+    last = max((i for i, (role, _) in enumerate(turns) if role == "assistant"), default=None)
+    if last is None:
+        raise MissingField("assistant turn", "chat")
+    segments: list[tuple[str, bool]] = []
+    pending = ""
+    for role, content in turns[:last + 1]:
+        pending += fmt.header.format(role=role)
+        if role != "assistant":
+            pending += content + fmt.end + fmt.sep
+            continue
+        segments.append((pending, False))
+        segments.append((content + fmt.end, True))
+        pending = fmt.sep
+    prompt = "".join(text for text, _ in segments[:-1])
+    return Rendered(str(record.get("record_id", "")), "chat", "generation", prompt, turns[last][1],
+                    [s for s in segments if s[0]])
+
+
+def render_record(record: dict, template: Template | None = None, chat_format: str = "chatml") -> Rendered:
+    """The record's own instruction format if it has one, else `template`. Raises MissingField."""
+    fmt = record_format(record)
+    if fmt == "chat":
+        return render_chat(record, chat_format)
+    if fmt == "instruction":
+        template = ALPACA if str(record.get("input") or "").strip() else ALPACA_NO_INPUT
+    elif fmt == "prompt_completion":
+        template = PROMPT_COMPLETION
+    prompt, completion = template.render(record)
+    return Rendered(str(record.get("record_id", "")), template.name, template.kind, prompt, completion,
+                    [(prompt, False), (completion, True)])
+
+
+def render_records(records: list[dict], templates: list[tuple[Template, float]], chat_format: str = "chatml",
+                   missing_field: str = "skip", skipped: dict[str, int] | None = None,
+                   rng: random.Random | None = None, paraphrases: bool = False) -> list[Rendered]:
+    """Every record with every template. With rng (training), a template of weight w renders a
+    record floor(w) times plus once more with probability frac(w): weight 0.5 = a seeded half of
+    the records, weight 2 = every record twice. Records in their own instruction format are
+    rendered once each. With paraphrases (and rng), each copy of a built-in template is rendered
+    with the template or one of its training paraphrases, chosen by rng. A missing field is counted in `skipped[template]` or is an error, per
+    missing_field; a value no derivation can use (a rating of 7) is always an error."""
+    out: list[Rendered] = []
+    for r in records:
+        own = record_format(r) is not None
+        for template, weight in ([(None, 1.0)] if own else templates):
+            copies = 1
+            if rng is not None and not own:
+                copies = int(weight) + (rng.random() < weight - int(weight))
+            if copies == 0:
+                continue
+            if rng is not None and paraphrases and template is not None:
+                template = rng.choice(training_variants(template))
+            try:
+                rendered = render_record(r, template, chat_format)
+            except TemplateError as e:
+                name = template.name if template is not None else record_format(r)
+                if missing_field == "error" or not isinstance(e, MissingField):
+                    what = str(e)
+                    if isinstance(e, MissingField):
+                        what = "no assistant turn in 'messages'" if template is None else f"no field '{e.field}'"
+                    hint = ' (data.missing_field="skip" skips such records)' if isinstance(e, MissingField) else ""
+                    raise DataError(f"{r.get('_where', 'record ' + str(r.get('record_id')))}: "
+                                    f"{what}, needed by template '{name}'{hint}") from None
+                if skipped is not None:
+                    skipped[name] = skipped.get(name, 0) + 1
+                continue
+            out.extend([rendered] * copies)
+    return out
+
+
+def balance_classes(rendered: list[Rendered], strength: float, rng: random.Random) -> list[Rendered]:
+    """Resamples each classification template's examples so that a class of n examples gets a share
+    proportional to n^(1 - strength) of that template's examples: 0 keeps the data's skew, 1 makes
+    every class equally frequent (a class of 5 % is then drawn ~4x, one of 62 % ~0.3x for five
+    classes). The template's total stays as it was, so the task mix does not change; the copies of
+    an example are floor(w) plus one more with probability frac(w), drawn with `rng`."""
+    from ftcore.metrics import normalize_label
+    groups: dict[str, Counter] = {}
+    for r in rendered:
+        if r.kind == "classification":
+            groups.setdefault(r.template, Counter())[normalize_label(r.completion)] += 1
+    weight = {}
+    for template, counts in groups.items():
+        total = sum(counts.values())
+        mass = sum(n ** (1 - strength) for n in counts.values())
+        for label, n in counts.items():
+            weight[(template, label)] = total * n ** (1 - strength) / mass / n
+    out = []
+    for r in rendered:
+        if r.kind != "classification":
+            out.append(r)
+            continue
+        w = weight[(r.template, normalize_label(r.completion))]
+        out.extend([r] * (int(w) + (rng.random() < w - int(w))))
+    return out
+
+
