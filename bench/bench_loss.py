@@ -36,6 +36,8 @@ import traceback
 
 import torch
 
+from ftcore.model import IGNORE_INDEX
+
 SMOKE = dict(seqs=2, seq_len=32, H=48, V=300, iters=2, warmup=1)
 WORKLOAD_A = dict(seqs=4, seq_len=2048, H=2048, V=128256, iters=20, warmup=5)
 MiB = 2**20
@@ -59,7 +61,7 @@ def get_methods(device):
     if device.type == "cuda":
         try:
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-            liger = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="mean")
+            liger = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="mean")
 
             def liger_fn(h, w, y):
                 loss = liger(w, h, y)
@@ -69,7 +71,7 @@ def get_methods(device):
             print("# skip liger: liger_kernel not importable", file=sys.stderr)
         try:
             from cut_cross_entropy import linear_cross_entropy as cce
-            out["cce"] = ("cut-cross-entropy", lambda h, w, y: cce(h, w, y, ignore_index=-100,
+            out["cce"] = ("cut-cross-entropy", lambda h, w, y: cce(h, w, y, ignore_index=IGNORE_INDEX,
                                                                          reduction="mean"))
         except ImportError:
             print("# skip cce: cut_cross_entropy not importable", file=sys.stderr)
@@ -79,7 +81,7 @@ def get_methods(device):
         opts = opts() if opts is not None else None  # its chunked path, where this torch has one
         out["torch-lce"] = ("F.linear_cross_entropy" + (" (chunked)" if opts else ""),
                             lambda h, w, y: F.linear_cross_entropy(
-                                h, w, y, reduction="mean", ignore_index=-100, options=opts))
+                                h, w, y, reduction="mean", ignore_index=IGNORE_INDEX, options=opts))
     else:
         print("# skip torch-lce: this torch has no F.linear_cross_entropy", file=sys.stderr)
     return out
@@ -90,7 +92,7 @@ def make_workload(cfg, fraction, dtype, device, seed=0):
     n = cfg["seqs"] * cfg["seq_len"]
     hidden, weight, labels, _ = make_loss_inputs(n, cfg["H"], cfg["V"], dtype, device, "all", seed=seed)
     labels = labels.view(cfg["seqs"], cfg["seq_len"])
-    labels[:, : round((1 - fraction) * cfg["seq_len"])] = -100  # prompt first, completion last
+    labels[:, : round((1 - fraction) * cfg["seq_len"])] = IGNORE_INDEX  # prompt first, completion last
     return hidden, weight, labels.reshape(-1)
 
 
@@ -236,7 +238,7 @@ def main(argv=None):
         hidden, weight, labels = make_workload(cfg, fraction, dtype, device)
         hidden.requires_grad_(), weight.requires_grad_()
         ref = reference(hidden, weight, labels)
-        n = int((labels != -100).sum())
+        n = int((labels != IGNORE_INDEX).sum())
         floor = 6 * n * H * V / (tflops * 1e12) * 1e3
         print(f"| {fraction} | floor (6·N·H·V at the matmul rate) | {floor:.2f} | 1.00 | | | | | |")
         rows.append(dict(fraction=fraction, method="floor", ms=floor))

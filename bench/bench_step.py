@@ -2,8 +2,11 @@
 
 Workload B: a randomly initialised model of a real shape (default Llama-3.2-1B), micro-batch 4 x
 2048 random token ids, the first 75% of each row labelled -100 (labels aligned: labels[t] is the
-target of position t), AdamW (fused on CUDA), gradient clipping at 1.0, one micro-batch per step;
-a few warmup steps, then timed steps.
+target of position t), gradient clipping at 1.0, one micro-batch per step; a few warmup steps, then
+timed steps. An ftcore row is the `ftcore train` config of its keys (run_config): the model goes
+through ftcore.train.parallelize, the optimizer is ftcore.optim.build_optimizer's (torch's AdamW,
+fused on CUDA, or ftcore's AdamW for bf16 weights), the step is ftcore.train.train_step; the
+transformers rows use torch's AdamW as their users do.
 
 The matrix (--rows picks by name; default: all): a baseline (fp32 master weights + bf16 autocast,
 no activation checkpointing, the plain torch loss), one strategy changed at a time, the best
@@ -24,6 +27,7 @@ beside the measured peak. The markdown table is printed last; results.json and p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import importlib.util
@@ -43,8 +47,9 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import torch  # noqa: E402
 
+from ftcore.config import Config  # noqa: E402
 from ftcore.hf import config_to_hf  # noqa: E402
-from ftcore.model import ModelConfig  # noqa: E402
+from ftcore.model import IGNORE_INDEX, ModelConfig  # noqa: E402
 
 RESULT_TAG = "BENCH_RESULT "
 GiB = 2 ** 30
@@ -178,12 +183,12 @@ def make_batch(cfg: ModelConfig, B: int, T: int, prompt_frac: float, device):
     g = torch.Generator().manual_seed(1234)
     ids = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g)
     input_ids, labels = ids[:, :-1].clone(), ids[:, 1:].clone()  # aligned: labels[t] = token t+1
-    labels[:, :int(prompt_frac * T)] = -100
+    labels[:, :int(prompt_frac * T)] = IGNORE_INDEX
     # the transformers convention: labels like input_ids, shifted inside the model; the last
     # position of each row has no target there (T-1 vs T labelled rows at most)
     hf_labels = input_ids.clone()
-    hf_labels[:, 1:][labels[:, :-1] == -100] = -100
-    hf_labels[:, 0] = -100
+    hf_labels[:, 1:][labels[:, :-1] == IGNORE_INDEX] = IGNORE_INDEX
+    hf_labels[:, 0] = IGNORE_INDEX
     return input_ids.to(device), labels.to(device), hf_labels.to(device)
 
 
@@ -200,27 +205,33 @@ def init_on_device(model: torch.nn.Module, std: float = 0.02) -> None:
             p.zero_()
 
 
+def run_config(row: Row) -> Config:
+    """The `ftcore train` config of a row: the benchmark builds, steps and optimizes the model with
+    ftcore.train's own functions from it, so a row measures what a run with these keys runs."""
+    cfg = Config()
+    t = cfg.train
+    t.precision, t.activation_checkpointing, t.loss, t.compile = row.precision, row.ac, row.loss, row.compile
+    t.fsdp = "on" if row.fsdp else "off"
+    t.kernels = {k: row.kernels for k in ("rmsnorm", "rope", "swiglu")} if row.kernels else {}
+    t.lr, t.beta1, t.beta2, t.weight_decay, t.grad_clip = 1e-5, 0.9, 0.95, 0.0, 1.0
+    return cfg
+
+
 def build_ftcore(row: Row, cfg: ModelConfig, device):
     from ftcore.model import Transformer
-    from ftcore.parallel import apply_activation_checkpointing, apply_compile, apply_fsdp, init_distributed
+    from ftcore.parallel import init_distributed
+    from ftcore.train import parallelize
+    run_cfg = run_config(row)
     with torch.device("meta"):
-        fused = {k: row.kernels for k in ("rmsnorm", "rope", "swiglu")} if row.kernels else None
-        model = Transformer(cfg, loss=row.loss, kernels=fused)
+        model = Transformer(cfg, loss=row.loss, kernels=run_cfg.train.kernels)
     if row.precision == "bf16":
         model = model.to(torch.bfloat16)
     model = model.to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty gives each module its own new parameter: tie again
         model.lm_head.weight = model.embed.weight
-    init_on_device(model)
+    init_on_device(model)  # instead of ftcore.train.build_model's loading: no checkpoint of the shape on disk
     model.reset_buffers(device)
-    # the order of ftcore.train.build_model: checkpointing, then compile, then FSDP, per block
-    apply_activation_checkpointing(model, row.ac)
-    if row.compile:
-        apply_compile(model)
-    if row.fsdp:
-        d = init_distributed(device.type, need_group=True)
-        apply_fsdp(model, d, row.precision)
-    return model
+    return parallelize(model, run_cfg, init_distributed(device.type, need_group=row.fsdp))
 
 
 def build_hf(row: Row, cfg: ModelConfig, device):
@@ -274,30 +285,52 @@ def run_child(spec: dict) -> dict:
     cfg = ModelConfig(**spec["cfg"])
     device = torch.device(spec["device"])
     torch.manual_seed(0)
+    from ftcore.optim import build_optimizer
+    from ftcore.train import autocast_context, train_step
+    run_cfg = run_config(row)
     model = build_hf(row, cfg, device) if row.impl == "hf" else build_ftcore(row, cfg, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=row.precision == "bf16-autocast")
+    if row.impl == "hf":  # the peer as its users run it: torch's AdamW, fused where it can be
+        opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=device.type == "cuda")
+    else:  # exactly what `ftcore train` builds for these keys (ftcore's AdamW for bf16 weights)
+        opt, _ = build_optimizer(model, run_cfg, device)
+    autocast = autocast_context(run_cfg, device)
 
     def fresh_batch(B, T):
         ids, labels, hf_labels = make_batch(cfg, B, T, spec["prompt_frac"], device)
-        return ids, labels, hf_labels, int((labels != -100).sum())
+        return ids, labels, hf_labels, int((labels != IGNORE_INDEX).sum())
+
+    class ForwardDone(contextlib.AbstractContextManager):
+        """Entered by train_step around each forward (its `offload` slot): marks the forward's end."""
+        marks: list | None = None
+
+        def __exit__(self, *exc):
+            if self.marks is not None:
+                self.marks.append(timer_now())
+            return False
+
+    forward_done = ForwardDone()
+    timer_now = StepTimer(device).mark
 
     def step(batch, timer: StepTimer | None = None):
+        """One optimizer step; marks: start, forward done, backward (and clipping) done, optimizer done."""
         ids, labels, hf_labels, n_lab = batch
         marks = [timer.mark()] if timer else None
-        with autocast:
-            if row.impl == "hf":
+        if row.impl == "hf":
+            with autocast:
                 loss = model(input_ids=ids, labels=hf_labels).loss  # mean over labelled tokens
-            else:
-                loss_sum, _ = model(input_ids=ids, labels=labels)
-                loss = loss_sum * (1.0 / n_lab)  # as train_step: the sum over the global token count
+            if timer:
+                marks.append(timer.mark())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+        else:  # ftcore.train's own step: the sum over the step's token count, clipping included
+            forward_done.marks = marks
+            loss_sum, _ = train_step(model, opt, [{"input_ids": ids, "labels": labels}], n_lab, autocast,
+                                     run_cfg.train.grad_clip, offload=forward_done)
+            forward_done.marks = None
+            loss = loss_sum / n_lab
         if timer:
             marks.append(timer.mark())
-        loss.backward()
-        if timer:
-            marks.append(timer.mark())
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if timer:
@@ -434,14 +467,15 @@ def launch(spec: dict, timeout: float, env: dict) -> dict:
     return {"name": name, "status": status, "error": f"exit {p.returncode}: {err}"[:300]}
 
 
-def estimate_row(row: Row, cfg: ModelConfig, B: int, T: int, labelled_fraction: float) -> dict | None:
+def estimate_row(row: Row, cfg: ModelConfig, B: int, T: int, labelled_fraction: float, device: str) -> dict | None:
     """ftcore.memory's prediction for an ftcore row (peers are other models: not estimated)."""
     if row.impl != "ftcore":
         return None
-    from ftcore.memory import estimate_peak_bytes
-    e = estimate_peak_bytes(cfg, micro_batch_size=B, seq_len=T, precision=row.precision,
-                            activation_checkpointing=row.ac, loss=row.loss, fsdp=row.fsdp,
-                            labelled_fraction=labelled_fraction, compile=row.compile)
+    from ftcore.estimate import estimate_run
+    run_cfg = run_config(row)
+    run_cfg.train.micro_batch_size = run_cfg.train.global_batch_size = B
+    run_cfg.data.max_seq_len = T
+    e = estimate_run(run_cfg, cfg, device=torch.device(device), labelled_fraction=labelled_fraction)
     return {"est_peak": e["peak_bytes"], "est_phase": e["peak_phase"], "est_breakdown": e["breakdown"]}
 
 
@@ -595,7 +629,7 @@ def main(argv=None) -> int:
     if args.estimate_only or (PRESETS[args.preset].get("memory_only") and not args.run):
         for row in selected:
             rec = {"name": row.name, "what": row.what, "status": "estimate only"}
-            rec.update(estimate_row(row, cfg, B, T, frac) or {})
+            rec.update(estimate_row(row, cfg, B, T, frac, device) or {})
             results["rows"].append(rec)
         (out / "results.json").write_text(json.dumps(results, indent=1))
         print(f"{args.preset}: estimates only ({meta['params'] / 1e9:.2f}B params, micro-batch {B} x {T})\n")
@@ -625,7 +659,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             rec.update(launch(spec, timeout, env))
             rec["wall_s"] = time.perf_counter() - t0
-        rec.update(estimate_row(row, cfg, B, T, frac) or {})
+        rec.update(estimate_row(row, cfg, B, T, frac, device) or {})
         if rec.get("device_name"):  # what torch itself saw
             meta["device"], meta["device_memory"] = rec["device_name"], rec["device_memory"]
             ptf = meta["peak_tflops"] = args.peak_tflops or peak_tflops(rec["device_name"])
@@ -662,7 +696,6 @@ def run_sweep(args, cfg: ModelConfig, device: str, common: dict, env: dict, t_st
     """Peak memory vs sequence length (at --micro-batch) and vs micro-batch (at --seq-len), for a
     few strategies: measured (one process per strategy, smallest shape first, stopping at the
     first OOM) beside the estimate at every point, including those that did not fit."""
-    from ftcore.memory import estimate_peak_bytes
     by_name = {r.name: r for r in ROWS}
     seqs = [int(x) for x in args.sweep_seq.split(",")]
     mbs = [int(x) for x in args.sweep_mb.split(",")]
@@ -683,11 +716,9 @@ def run_sweep(args, cfg: ModelConfig, device: str, common: dict, env: dict, t_st
         res = launch(spec, min(args.row_timeout_s, max(30.0, args.budget_s - elapsed + 30.0)), env)
         measured = {(p["micro_batch"], p["seq_len"]): p for p in res.get("sweep", [])}
         for B, T in points:
-            e = estimate_peak_bytes(cfg, micro_batch_size=B, seq_len=T, precision=row.precision,
-                                    activation_checkpointing=row.ac, loss=row.loss, fsdp=row.fsdp,
-                                    labelled_fraction=frac, compile=row.compile)
+            e = estimate_row(row, cfg, B, T, frac, device)
             m = measured.get((B, T), {"status": res.get("status") if res.get("status") != "ok" else "not run"})
-            out.append({"row": name, "micro_batch": B, "seq_len": T, "est_peak": e["peak_bytes"], **m})
+            out.append({"row": name, "micro_batch": B, "seq_len": T, "est_peak": e["est_peak"], **m})
         print(f"sweep {name}: {sum(1 for p in measured.values() if p['status'] == 'ok')}/{len(points)} points "
               f"({time.perf_counter() - t_start:.0f} s)", file=sys.stderr)
     return out

@@ -465,28 +465,42 @@ def model_config_for(cfg):
                        num_kv_heads=p.num_kv_heads, tie_word_embeddings=True)
 
 
-def estimate_report(cfg, world_size: int = 1) -> str:
-    """A text report of estimate_peak_bytes for a run config, on any machine."""
-    # the run's own decisions (FSDP, loss, optimizer), not copies of them
+def estimate_run(cfg, model_cfg, world_size: int = 1, device: torch.device | None = None,
+                 labelled_fraction: float = 1.0) -> dict:
+    """estimate_peak_bytes for the step a run config trains, deciding FSDP, the loss and the
+    optimizer with the run's own functions (not copies of them). device: default train.device,
+    with auto meaning the GPU the estimate is for."""
     from ftcore.config import accumulation_steps
     from ftcore.optim import CHUNK, fused_adamw, uses_torch_adamw
     from ftcore.train import resolve_loss, use_fsdp
     t = cfg.train
-    mc = model_config_for(cfg)
-    device = torch.device("cpu" if t.device == "cpu" else "cuda")  # auto: the GPU the estimate is for
-    loss = resolve_loss(cfg, device)
-    fsdp = use_fsdp(cfg, world_size)
-    accum = accumulation_steps(cfg, world_size)
-    state_bytes = 2 if t.optimizer_state_dtype == "bfloat16" else 4
+    device = device or torch.device("cpu" if t.device == "cpu" else "cuda")
     opt_temp = None
-    if not uses_torch_adamw(cfg, params_fp32=t.precision != "bf16"):  # ftcore's AdamW: fp32 slices of CHUNK
-        opt_temp = 6 * 4 * min(CHUNK, max(mc.vocab_size, mc.intermediate_size) * mc.hidden_size)
-    e = estimate_peak_bytes(mc, micro_batch_size=t.micro_batch_size, seq_len=cfg.data.max_seq_len,
+    if not uses_torch_adamw(cfg, params_fp32=t.precision != "bf16"):
+        # ftcore's AdamW works on buckets of up to CHUNK elements: an fp32 copy of each bf16 operand
+        # (weights and gradients, states stored in bf16) and the fp32 denominator
+        bf16_params, bf16_states = t.precision == "bf16", t.optimizer_state_dtype == "bfloat16"
+        fp32_copies = 2 * bf16_params + 2 * bf16_states + 1
+        shards = world_size if use_fsdp(cfg, world_size) else 1
+        opt_temp = fp32_copies * 4 * min(CHUNK, math.ceil(model_cfg.num_params() / shards))
+    e = estimate_peak_bytes(model_cfg, micro_batch_size=t.micro_batch_size, seq_len=cfg.data.max_seq_len,
                             precision=t.precision, activation_checkpointing=t.activation_checkpointing,
-                            loss=loss, world_size=world_size, fsdp=fsdp, labelled_fraction=1.0,
-                            compile=t.compile, grad_accum_steps=accum,
+                            loss=resolve_loss(cfg, device), world_size=world_size, fsdp=use_fsdp(cfg, world_size),
+                            labelled_fraction=labelled_fraction, compile=t.compile,
+                            grad_accum_steps=accumulation_steps(cfg, world_size),
                             fused_optimizer=fused_adamw(cfg, device),
-                            optimizer_state_bytes=state_bytes, optimizer_temp_bytes=opt_temp)
+                            optimizer_state_bytes=2 if t.optimizer_state_dtype == "bfloat16" else 4,
+                            optimizer_temp_bytes=opt_temp)
+    return {**e, "device": device, "loss": resolve_loss(cfg, device), "fsdp": use_fsdp(cfg, world_size),
+            "accum": accumulation_steps(cfg, world_size)}
+
+
+def estimate_report(cfg, world_size: int = 1) -> str:
+    """A text report of estimate_peak_bytes for a run config, on any machine."""
+    t = cfg.train
+    mc = model_config_for(cfg)
+    e = estimate_run(cfg, mc, world_size)
+    device, loss, fsdp, accum = e["device"], e["loss"], e["fsdp"], e["accum"]
     src = cfg.model.path or "[pretrain]"
     lines = [
         f"model: {src}: {mc.model_type}, {mc.num_layers} layers, hidden {mc.hidden_size}, intermediate "

@@ -7,6 +7,7 @@ config.toml says what ran.
 - `check_fresh_start`: train.resume=never in a directory that holds checkpoints is refused (a
   fresh run's checkpoints would be pruned in favour of the old run's higher steps, and a later
   resume would continue the old run).
+- `MetricsLog`: metrics.jsonl, which a resume trims back to the checkpoint's step.
 - `check_resume_config`: resuming may change only what does not change the run's trajectory
   (RESUMABLE_CHANGES: evaluation, logging, checkpointing, and how the same step is computed);
   any other difference from the recorded config.toml is refused, naming the keys. Accepted
@@ -23,6 +24,7 @@ import socket
 from pathlib import Path
 
 from ftcore.config import Config, ConfigError, load_config
+from ftcore.files import write_atomic
 
 LOCK = ".lock"
 # keys whose change on resume keeps every step's examples, learning rate and maths
@@ -107,3 +109,31 @@ def check_resume_config(run_dir: Path, cfg: Config, report=print) -> None:
     for k, (a, b) in changes.items():
         if k not in ("run.dir", "train.resume"):
             report(f"resuming with {k} changed: {a!r} -> {b!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# metrics.jsonl
+
+class MetricsLog:
+    """One JSON object per line, rank 0 only. On resume, a torn last line and the records of steps
+    after the checkpoint are dropped before appending."""
+
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if enabled and resume_step is not None and path.exists():
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # torn write of a killed run
+                if rec.get("step", 0) <= resume_step:
+                    kept.append(line)
+            write_atomic(path, "".join(l + "\n" for l in kept))
+        elif enabled and resume_step is None and path.exists():
+            path.unlink()
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")

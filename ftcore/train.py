@@ -27,7 +27,7 @@ from ftcore.offload import ActivationOffload
 from ftcore.optim import OptimizerInBackward, build_optimizer, validate_switches
 from ftcore.parallel import (Dist, all_reduce_sum, apply_activation_checkpointing, apply_compile, apply_fsdp,
                              barrier, grad_scale_for_reduction, init_distributed)
-from ftcore.rundir import RunLock, check_fresh_start, check_resume_config
+from ftcore.rundir import MetricsLog, RunLock, check_fresh_start, check_resume_config
 from ftcore.tokenizer import Tokenizer
 
 
@@ -106,40 +106,18 @@ def build_model(cfg: Config, model_dir: Path, proc: Dist) -> Transformer:
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     model = Transformer.from_pretrained(model_dir, dtype=dtype, device=proc.device, loss=resolve_loss(cfg, proc.device),
                                         kernels=cfg.train.kernels)
+    return parallelize(model, cfg, proc)
+
+
+def parallelize(model: Transformer, cfg: Config, proc: Dist) -> Transformer:
+    """Activation checkpointing, then compile, then FSDP, per block: the order every run (and
+    every benchmark row) applies them in."""
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
     if cfg.train.compile:
         apply_compile(model)
     if use_fsdp(cfg, proc.world_size):
         apply_fsdp(model, proc, cfg.train.precision, cfg.train.reshard_after_forward, cfg.train.cpu_offload)
     return model
-
-
-# ------------------------------------------------------------------------------------------------
-# metrics.jsonl
-
-class MetricsLog:
-    """One JSON object per line, rank 0 only. On resume, a torn last line and the records of steps
-    after the checkpoint are dropped before appending."""
-
-    def __init__(self, path: Path, resume_step: int | None, enabled: bool):
-        self.path, self.enabled = path, enabled
-        if enabled and resume_step is not None and path.exists():
-            kept = []
-            for line in path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # torn write of a killed run
-                if rec.get("step", 0) <= resume_step:
-                    kept.append(line)
-            write_atomic(path, "".join(l + "\n" for l in kept))
-        elif enabled and resume_step is None and path.exists():
-            path.unlink()
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 norm-relative error. `transformers` is imported lazily (it is a slow, test-only reference)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from ftcore.model import ModelConfig, Transformer
@@ -150,3 +152,26 @@ def compile_for_gpu_or_skip(builds_source: str) -> None:
     if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
         pytest.skip("no ptxas in this triton install")
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# the short fine-tuning run most tests start from: the tiny base of make_run_setup, 6 steps on CPU
+RUN_DEFAULTS = {
+    "data": {"templates": '["rating", "summary"]', "max_seq_len": 128, "max_completion_tokens": 64},
+    "train": {"max_steps": 6, "global_batch_size": 8, "micro_batch_size": 2, "lr": 1e-3, "warmup_steps": 2,
+              "device": "cpu"},
+    "eval": {"base": "false", "final": "false"},
+    "checkpoint": {"export_final": "false"},
+    "log": {"progress": "false"},
+}
+
+
+def run_overrides(setup, run_dir, *more: dict, **sections: dict) -> list[str]:
+    """`section.key=value` overrides for a run in run_dir on make_run_setup's base and data:
+    RUN_DEFAULTS, then each dict of `more` ({section: {key: value}}), then the keyword sections,
+    later ones winning, e.g. run_overrides(setup, run, common, train=dict(max_steps=4))."""
+    values = {"run.dir": str(run_dir), "model.path": str(Path(setup) / "base"),
+              "data.path": str(Path(setup) / "reviews.jsonl")}
+    for layer in (RUN_DEFAULTS, *more, sections):
+        for section, keys in layer.items():
+            values.update({f"{section}.{key}": value for key, value in keys.items()})
+    return [f"{k}={v}" for k, v in values.items()]

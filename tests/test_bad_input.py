@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ftcore.cli import main
-from helpers import make_run_setup
+from helpers import make_run_setup, run_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny_cpu.toml")
@@ -35,11 +35,9 @@ def _ftcore(capsys, *args) -> tuple[int, list[str]]:
 
 
 def _run_args(setup: Path, run: Path, *extra) -> list[str]:
-    return ["train", TINY, f"run.dir={run}", f"model.path={setup / 'base'}", f"data.path={setup / 'reviews.jsonl'}",
-            'data.templates=["rating", "summary"]', "data.max_seq_len=128", "data.max_completion_tokens=64",
-            "train.max_steps=6", "train.global_batch_size=8", "train.micro_batch_size=4", "train.warmup_steps=2",
-            "eval.base=false", "eval.final=false", "eval.every=0", "checkpoint.export_final=false",
-            "log.progress=false", *extra]
+    """`ftcore train` arguments: the shared short run, then `extra` overrides (the last one wins)."""
+    return ["train", TINY, *run_overrides(setup, run, train=dict(micro_batch_size=4, lr=2e-3), eval=dict(every=0)),
+            *extra]
 
 
 def _one_line(rc, lines, message, code=2):

@@ -17,7 +17,7 @@ import torch
 from ftcore.config import ConfigError, load_config
 from ftcore.model import ModelConfig, Transformer
 from ftcore.optim import AdamW, OptimizerInBackward, stochastic_round_
-from helpers import make_run_setup
+from helpers import make_run_setup, run_overrides
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -31,23 +31,17 @@ def tiny(tmp_path_factory):
     return make_run_setup(tmp_path_factory.mktemp("tiny"), n_records=64)
 
 
-def overrides(setup: Path, run_dir: Path, **kw) -> list[str]:
-    base = {
-        "run.dir": str(run_dir), "model.path": str(setup / "base"), "data.path": str(setup / "reviews.jsonl"),
-        "data.templates": '["rating", "summary"]', "data.max_seq_len": 128, "data.max_completion_tokens": 64,
-        "train.max_steps": 6, "train.global_batch_size": 8, "train.micro_batch_size": 8, "train.lr": 1e-3,
-        "train.warmup_steps": 2, "train.grad_clip": 0, "train.device": "cpu", "eval.base": "false",
-        "eval.final": "false", "checkpoint.export_final": "false", "log.progress": "false",
-    }
-    base.update({k.replace("__", "."): v for k, v in kw.items()})
-    return [f"{k}={v}" for k, v in base.items()]
+def overrides(setup: Path, run_dir: Path, *more: dict, **sections: dict) -> list[str]:
+    """run_overrides with one micro-batch per step and no clipping: the strategies compared here
+    must give the same step, so nothing may differ but the strategy."""
+    return run_overrides(setup, run_dir, {"train": {"micro_batch_size": 8, "grad_clip": 0}}, *more, **sections)
 
 
-def run(setup: Path, run_dir: Path, **kw) -> list[dict]:
+def run(setup: Path, run_dir: Path, *more: dict, **kw) -> list[dict]:
     from ftcore.parallel import shutdown
     from ftcore.train import train
     try:
-        train(load_config(None, overrides(setup, run_dir, **kw)))
+        train(load_config(None, overrides(setup, run_dir, *more, **kw)))
     finally:
         shutdown()
     return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
@@ -63,9 +57,9 @@ def losses(records: list[dict]) -> list[float]:
 # fsdp=on: FSDP2 (1 rank, gloo) fires the hooks after its reduce-scatter; full: recompute in backward
 @pytest.mark.parametrize("fsdp,ac", [("off", "none"), ("on", "none"), ("off", "full")])
 def test_optimizer_in_backward_same_losses(tiny, tmp_path, fsdp, ac):
-    kw = dict(train__fsdp=fsdp, train__activation_checkpointing=ac)
+    kw = dict(train=dict(fsdp=fsdp, activation_checkpointing=ac))
     ref = run(tiny, tmp_path / "plain", **kw)
-    got = run(tiny, tmp_path / "inbwd", train__optimizer_in_backward="true", **kw)
+    got = run(tiny, tmp_path / "inbwd", kw, train=dict(optimizer_in_backward="true"))
     # the same AdamW maths per parameter, only run earlier: the same numbers
     assert losses(got) == pytest.approx(losses(ref), rel=1e-6, abs=0)
     assert [r["grad_norm"] for r in got] == pytest.approx([r["grad_norm"] for r in ref], rel=1e-5)
@@ -74,7 +68,7 @@ def test_optimizer_in_backward_same_losses(tiny, tmp_path, fsdp, ac):
 
 def test_optimizer_in_backward_frees_gradients(tiny):
     model = Transformer.from_pretrained(tiny / "base")
-    cfg = load_config(None, overrides(tiny, Path("unused"), train__optimizer_in_backward="true"))
+    cfg = load_config(None, overrides(tiny, Path("unused"), train=dict(optimizer_in_backward="true")))
     from ftcore.optim import build_optimizer
     opt, _ = build_optimizer(model, cfg, torch.device("cpu"))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -92,14 +86,14 @@ def test_optimizer_in_backward_frees_gradients(tiny):
 
 @pytest.mark.parametrize("kw", [
     {},
-    dict(train__precision="bf16", train__optimizer_state_dtype="bfloat16", train__stochastic_rounding="true"),
-    dict(train__fsdp="on", train__optimizer_state_dtype="bfloat16"),
+    dict(train=dict(precision="bf16", optimizer_state_dtype="bfloat16", stochastic_rounding="true")),
+    dict(train=dict(fsdp="on", optimizer_state_dtype="bfloat16")),
 ], ids=["fp32", "bf16-sr", "fsdp-bf16-states"])
 def test_optimizer_in_backward_resume(tiny, tmp_path, capsys, kw):
-    kw = dict(train__optimizer_in_backward="true", checkpoint__every=3, **kw)
-    first = losses(run(tiny, tmp_path / "r", **kw))
+    kw = (kw, dict(train=dict(optimizer_in_backward="true"), checkpoint=dict(every=3)))
+    first = losses(run(tiny, tmp_path / "r", *kw))
     assert (tmp_path / "r" / "checkpoints" / "step_00000003").is_dir()
-    again = losses(run(tiny, tmp_path / "r", **kw))  # resume=auto: steps 4-6 again, from the checkpoint
+    again = losses(run(tiny, tmp_path / "r", *kw))  # resume=auto: steps 4-6 again, from the checkpoint
     assert "resumed from" in capsys.readouterr().out
     assert again == first  # identical: model, per-parameter optimizer states, lr, RNG all restored
 
@@ -111,9 +105,8 @@ def test_optimizer_in_backward_two_processes_and_resume(tiny, tmp_path):
     import random
     import subprocess
     import sys
-    ref = run(tiny, tmp_path / "one", train__fsdp="on")
-    args = overrides(tiny, tmp_path / "two", train__optimizer_in_backward="true", train__micro_batch_size=4,
-                     checkpoint__every=3)
+    ref = run(tiny, tmp_path / "one", train=dict(fsdp="on"))
+    args = overrides(tiny, tmp_path / "two", train=dict(optimizer_in_backward="true", micro_batch_size=4), checkpoint=dict(every=3))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ftcore.cli",
            "train", "configs/tiny_cpu.toml", *args]
     for attempt in range(2):  # the second resumes from step 3
@@ -223,8 +216,8 @@ def test_adamw_bf16_weights_fp32_maths():
 
 
 def test_bf16_states_same_losses_within_tolerance(tiny, tmp_path):
-    ref = losses(run(tiny, tmp_path / "fp32", train__max_steps=10))
-    got = losses(run(tiny, tmp_path / "bf16", train__max_steps=10, train__optimizer_state_dtype="bfloat16"))
+    ref = losses(run(tiny, tmp_path / "fp32", train=dict(max_steps=10)))
+    got = losses(run(tiny, tmp_path / "bf16", train=dict(max_steps=10, optimizer_state_dtype="bfloat16")))
     # stated tolerance: 1e-4 relative per step over 10 steps (measured: 2e-6)
     assert max(abs(a - b) / a for a, b in zip(ref, got)) < 1e-4, (ref, got)
     assert got != ref  # the states really were bf16
@@ -274,7 +267,7 @@ def test_stochastic_rounding_adamw_bf16_weights():
 
 
 def test_stochastic_rounding_run_is_reproducible(tiny, tmp_path):
-    kw = dict(train__max_steps=4, train__precision="bf16", train__stochastic_rounding="true")
+    kw = dict(train=dict(max_steps=4, precision="bf16", stochastic_rounding="true"))
     a = losses(run(tiny, tmp_path / "a", **kw))
     b = losses(run(tiny, tmp_path / "b", **kw))
     assert a == b and all(map(torch.isfinite, torch.tensor(a)))
@@ -328,11 +321,11 @@ def test_offload_skips_parameters_and_small_tensors():
 # refusals: one line each
 
 @pytest.mark.parametrize("kw,words", [
-    (dict(train__optimizer_in_backward="true", train__grad_clip=1.0), "train.grad_clip=0"),
-    (dict(train__optimizer_in_backward="true", train__nonfinite="skip"), "train.nonfinite=stop"),
-    (dict(train__cpu_offload="true", train__fsdp="off"), "train.fsdp=auto or on"),
-    (dict(train__stochastic_rounding="true"), "train.precision=bf16"),
-    (dict(train__optimizer_state_dtype="float16"), "'train.optimizer_state_dtype' must be one of"),
+    (dict(train=dict(optimizer_in_backward="true", grad_clip=1.0)), "train.grad_clip=0"),
+    (dict(train=dict(optimizer_in_backward="true", nonfinite="skip")), "train.nonfinite=stop"),
+    (dict(train=dict(cpu_offload="true", fsdp="off")), "train.fsdp=auto or on"),
+    (dict(train=dict(stochastic_rounding="true")), "train.precision=bf16"),
+    (dict(train=dict(optimizer_state_dtype="float16")), "'train.optimizer_state_dtype' must be one of"),
 ])
 def test_invalid_combinations_refused_at_load(tiny, tmp_path, kw, words):
     with pytest.raises(ConfigError) as e:
@@ -341,9 +334,9 @@ def test_invalid_combinations_refused_at_load(tiny, tmp_path, kw, words):
 
 
 @pytest.mark.parametrize("kw,words", [
-    (dict(train__optimizer_in_backward="true", train__micro_batch_size=2), "set train.micro_batch_size=8"),
-    (dict(train__activation_offload="true"), "train.activation_offload needs CUDA"),
-    (dict(train__cpu_offload="true"), "train.cpu_offload needs CUDA"),
+    (dict(train=dict(optimizer_in_backward="true", micro_batch_size=2)), "set train.micro_batch_size=8"),
+    (dict(train=dict(activation_offload="true")), "train.activation_offload needs CUDA"),
+    (dict(train=dict(cpu_offload="true")), "train.cpu_offload needs CUDA"),
 ])
 def test_invalid_combinations_refused_before_writing(tiny, tmp_path, kw, words):
     with pytest.raises(ConfigError) as e:
@@ -353,8 +346,7 @@ def test_invalid_combinations_refused_before_writing(tiny, tmp_path, kw, words):
 
 
 def test_stochastic_rounding_allowed_with_bf16_states_only(tiny, tmp_path):
-    load_config(None, overrides(tiny, tmp_path, train__stochastic_rounding="true",
-                                train__optimizer_state_dtype="bfloat16"))
+    load_config(None, overrides(tiny, tmp_path, train=dict(stochastic_rounding="true", optimizer_state_dtype="bfloat16")))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -432,17 +424,17 @@ def test_gpu_optimizer_in_backward_less_memory():
 
 
 def _gpu_run(tiny, tmp_path, name, **kw):
-    return run(tiny, tmp_path / name, train__device="cuda", train__loss="torch", **kw)
+    return run(tiny, tmp_path / name, train=dict(device="cuda", loss="torch"), **kw)
 
 
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("kw", [
-    dict(train__activation_offload="true"),
-    dict(train__activation_offload="true", train__activation_checkpointing="full", train__precision="bf16-mixed"),
-    dict(train__optimizer_in_backward="true", train__fsdp="on"),
-    dict(train__cpu_offload="true"),
-    dict(train__cpu_offload="true", train__optimizer_in_backward="true", train__precision="bf16-mixed"),
+    dict(train=dict(activation_offload="true")),
+    dict(train=dict(activation_offload="true", activation_checkpointing="full", precision="bf16-mixed")),
+    dict(train=dict(optimizer_in_backward="true", fsdp="on")),
+    dict(train=dict(cpu_offload="true")),
+    dict(train=dict(cpu_offload="true", optimizer_in_backward="true", precision="bf16-mixed")),
 ], ids=["offload", "offload-ac-mixed", "inbwd-fsdp", "cpu-offload", "cpu-offload-inbwd-mixed"])
 def test_gpu_switches_same_losses(tiny, tmp_path, kw):
     ref_kw = {k: v for k, v in kw.items() if k in ("train__precision", "train__activation_checkpointing")}

@@ -17,7 +17,7 @@ import torch
 from ftcore.config import load_config
 from ftcore.model import ModelConfig, Transformer
 from ftcore.tokenizer import Tokenizer
-from helpers import make_run_setup
+from helpers import make_run_setup, run_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,16 +28,7 @@ def tiny_setup(tmp_path_factory):
     return make_run_setup(tmp_path_factory.mktemp("tiny"))
 
 
-def _overrides(setup: Path, run_dir: Path, **kw) -> list[str]:
-    base = {
-        "run.dir": str(run_dir), "model.path": str(setup / "base"), "data.path": str(setup / "reviews.jsonl"),
-        "data.templates": '["rating", "summary"]', "data.max_seq_len": 128, "data.max_completion_tokens": 64,
-        "train.max_steps": 6, "train.global_batch_size": 8, "train.micro_batch_size": 2, "train.lr": 1e-3,
-        "train.warmup_steps": 2, "train.device": "cpu", "eval.base": "false", "eval.final": "false",
-        "checkpoint.export_final": "false", "log.progress": "false",
-    }
-    base.update({k.replace("__", "."): v for k, v in kw.items()})
-    return [f"{k}={v}" for k, v in base.items()]
+_overrides = run_overrides
 
 
 def _losses(run_dir: Path, key="loss") -> list[float]:
@@ -72,8 +63,7 @@ def _step_grads(tiny_setup, tmp_path, micro: int, ac: str = "none"):
     from ftcore.parallel import apply_activation_checkpointing
     from ftcore.train import train_step
     import contextlib
-    cfg = load_config(None, _overrides(tiny_setup, tmp_path / "g", train__micro_batch_size=micro,
-                                       data__templates='["review", "rating"]'))
+    cfg = load_config(None, _overrides(tiny_setup, tmp_path / "g", train=dict(micro_batch_size=micro), data=dict(templates='["review", "rating"]')))
     tok = Tokenizer.from_dir(tiny_setup / "base")
     ds = prepare_datasets(cfg, tok)
     model = Transformer.from_pretrained(tiny_setup / "base")
@@ -119,7 +109,7 @@ def test_zero_completion_tokens_step(tiny_setup):
 
 def test_metrics_and_run_dir(tiny_setup, tmp_path):
     run = tmp_path / "run"
-    _train_inproc(_overrides(tiny_setup, run, eval__every=3, checkpoint__export_final="true"))
+    _train_inproc(_overrides(tiny_setup, run, eval=dict(every=3), checkpoint=dict(export_final="true")))
     recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 7))
@@ -135,7 +125,7 @@ def test_metrics_and_run_dir(tiny_setup, tmp_path):
 @pytest.mark.parametrize("precision", ["bf16-autocast", "bf16-mixed", "bf16"])
 def test_precision_modes(tiny_setup, tmp_path, precision):
     _train_inproc(_overrides(tiny_setup, tmp_path / "fp32"))
-    _train_inproc(_overrides(tiny_setup, tmp_path / precision, train__precision=precision))
+    _train_inproc(_overrides(tiny_setup, tmp_path / precision, train=dict(precision=precision)))
     ref, got = _losses(tmp_path / "fp32"), _losses(tmp_path / precision)
     assert all(torch.isfinite(torch.tensor(got)))
     # the tiny model in bf16 drifts from fp32 a little; a broken mode (wrong scaling, NaN) does not stay this close
@@ -144,8 +134,7 @@ def test_precision_modes(tiny_setup, tmp_path, precision):
 
 @pytest.mark.slow
 def test_two_processes_match_one(tiny_setup, tmp_path):
-    args = _overrides(tiny_setup, tmp_path / "one", train__max_steps=10, eval__every=5, eval__final="true",
-                      eval__max_examples=4, eval__max_new_tokens=4, train__fsdp="on")
+    args = _overrides(tiny_setup, tmp_path / "one", train=dict(max_steps=10, fsdp="on"), eval=dict(every=5, final="true", max_examples=4, max_new_tokens=4))
     r1 = _run_cli(["train", "configs/tiny_cpu.toml", *args])
     assert r1.returncode == 0, r1.stderr[-3000:]
     args2 = [a.replace(str(tmp_path / "one"), str(tmp_path / "two")) for a in args]
@@ -160,7 +149,7 @@ def test_two_processes_match_one(tiny_setup, tmp_path):
 
 @pytest.mark.slow
 def test_two_nodes_match_one(tiny_setup, tmp_path):
-    args = _overrides(tiny_setup, tmp_path / "one", train__max_steps=4, train__fsdp="on")
+    args = _overrides(tiny_setup, tmp_path / "one", train=dict(max_steps=4, fsdp="on"))
     r1 = _run_cli(["train", "configs/tiny_cpu.toml", *args])
     assert r1.returncode == 0, r1.stderr[-3000:]
     args2 = [a.replace(str(tmp_path / "one"), str(tmp_path / "nodes")) for a in args]
@@ -191,7 +180,7 @@ def _kill_when(p: subprocess.Popen, cond, timeout=120.0) -> bool:
 @pytest.mark.slow
 def test_sigkill_and_resume_gives_identical_losses(tiny_setup, tmp_path):
     steps = 12
-    common = dict(train__max_steps=steps, checkpoint__every=2, checkpoint__keep=2)
+    common = dict(train=dict(max_steps=steps), checkpoint=dict(every=2, keep=2))
     ref = tmp_path / "ref"
     r = _run_cli(["train", "configs/tiny_cpu.toml", *_overrides(tiny_setup, ref, **common)])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -243,12 +232,12 @@ def test_plugin_registers_a_loss_kernel(tiny_setup, tmp_path, monkeypatch):
         "register_loss('mine', mine)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     run = tmp_path / "run"
-    _train_inproc(_overrides(tiny_setup, run, train__max_steps=2, train__plugins='["my_kernels"]', train__loss="mine"))
+    _train_inproc(_overrides(tiny_setup, run, train=dict(max_steps=2, plugins='["my_kernels"]', loss="mine")))
     import my_kernels
     assert len(my_kernels.CALLS) == 2 * 4  # 2 steps x 4 micro-batches
     from ftcore.config import ConfigError
     with pytest.raises(ConfigError, match="train.plugins: cannot import 'no_such_module'"):
-        _train_inproc(_overrides(tiny_setup, tmp_path / "r2", train__plugins='["no_such_module"]'))
+        _train_inproc(_overrides(tiny_setup, tmp_path / "r2", train=dict(plugins='["no_such_module"]')))
 
 
 def test_non_finite_loss_stops_or_skips(tiny_setup, tmp_path):
@@ -263,12 +252,11 @@ def test_non_finite_loss_stops_or_skips(tiny_setup, tmp_path):
     register_loss("nan_at_step_2", nan_at_step_2)
 
     with pytest.raises(NonFiniteError, match="step 2: non-finite loss"):
-        _train_inproc(_overrides(tiny_setup, tmp_path / "stop", train__max_steps=3, train__loss="nan_at_step_2"))
+        _train_inproc(_overrides(tiny_setup, tmp_path / "stop", train=dict(max_steps=3, loss="nan_at_step_2")))
 
     nan_at_step_2.calls = 0
     run = tmp_path / "skip"
-    _train_inproc(_overrides(tiny_setup, run, train__max_steps=3, train__loss="nan_at_step_2",
-                             train__nonfinite="skip", checkpoint__export_final="true"))
+    _train_inproc(_overrides(tiny_setup, run, train=dict(max_steps=3, loss="nan_at_step_2", nonfinite="skip"), checkpoint=dict(export_final="true")))
     losses = _losses(run)
     assert len(losses) == 3 and not math.isfinite(losses[1]) and math.isfinite(losses[2])
     final = Transformer.from_pretrained(run / "final")
@@ -301,8 +289,8 @@ def test_export_of_a_checkpoint_equals_the_run_stopped_there(tiny_setup, tmp_pat
     """`ftcore export RUN/checkpoints/step_N` gives the weights a run stopped at step N exports (both
     runs are inside the 2 warmup steps, where the lr does not depend on max_steps)."""
     from ftcore.export import export_checkpoint
-    _train_inproc(_overrides(tiny_setup, tmp_path / "long", train__max_steps=4, checkpoint__every=2))
-    _train_inproc(_overrides(tiny_setup, tmp_path / "short", train__max_steps=2, checkpoint__export_final="true"))
+    _train_inproc(_overrides(tiny_setup, tmp_path / "long", train=dict(max_steps=4), checkpoint=dict(every=2)))
+    _train_inproc(_overrides(tiny_setup, tmp_path / "short", train=dict(max_steps=2), checkpoint=dict(export_final="true")))
     export_checkpoint(str(tmp_path / "long" / "checkpoints" / "step_00000002"), str(tmp_path / "exported"))
     a = Transformer.from_pretrained(tmp_path / "exported")
     b = Transformer.from_pretrained(tmp_path / "short" / "final")
@@ -315,10 +303,10 @@ def test_export_of_a_checkpoint_equals_the_run_stopped_there(tiny_setup, tmp_pat
 def test_fused_loss_under_fsdp_matches_torch_loss(tiny_setup, tmp_path):
     """The Triton loss (interpreter on CPU) runs inside forward on FSDP's unsharded, tied lm_head:
     2 processes with packed batches give the 1-process plain-torch losses."""
-    common = dict(train__max_steps=4, train__fsdp="on", data__batching="pack")
-    r1 = _run_cli(["train", "configs/tiny_cpu.toml", *_overrides(tiny_setup, tmp_path / "torch", train__loss="torch", **common)])
+    common = dict(train=dict(max_steps=4, fsdp="on"), data=dict(batching="pack"))
+    r1 = _run_cli(["train", "configs/tiny_cpu.toml", *_overrides(tiny_setup, tmp_path / "torch", common, train=dict(loss="torch"))])
     assert r1.returncode == 0, r1.stderr[-3000:]
-    r2 = _run_cli(["train", "configs/tiny_cpu.toml", *_overrides(tiny_setup, tmp_path / "triton", train__loss="triton", **common)],
+    r2 = _run_cli(["train", "configs/tiny_cpu.toml", *_overrides(tiny_setup, tmp_path / "triton", common, train=dict(loss="triton"))],
                   nproc=2, env_extra={"TRITON_INTERPRET": "1"})
     assert r2.returncode == 0, r2.stderr[-3000:]
     for a, b in zip(_losses(tmp_path / "torch"), _losses(tmp_path / "triton")):
