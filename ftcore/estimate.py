@@ -88,12 +88,13 @@ class Shape:
     o_bias: bool
     mlp_bias: bool
     tied: bool
+    total_params: int  # ModelConfig.num_params: the one parameter count
 
     @classmethod
     def of(cls, cfg, micro_batch_size: int, seq_len: int) -> "Shape":
         return cls(micro_batch_size, seq_len, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size,
                    cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.qkv_bias,
-                   cfg.o_bias, cfg.mlp_bias, cfg.tie_word_embeddings)
+                   cfg.o_bias, cfg.mlp_bias, cfg.tie_word_embeddings, cfg.num_params())
 
     @property
     def n(self) -> int:
@@ -123,10 +124,6 @@ class Shape:
     def root_params(self) -> int:
         """Embedding, final norm and (untied) lm_head: FSDP's root unit."""
         return self.V * self.H * (1 if self.tied else 2) + self.H
-
-    @property
-    def total_params(self) -> int:
-        return self.L * self.block_params + self.root_params
 
 
 # ------------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ class ModelConfig:
         h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
         q = self.num_heads * self.head_dim
         attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.qkv_bias else 0) + (h if self.o_bias else 0)
-        mlp = 3 * h * self.intermediate_size
+        mlp = 3 * h * self.intermediate_size + ((2 * self.intermediate_size + h) if self.mlp_bias else 0)
         per_layer = attn + mlp + 2 * h
         emb = self.vocab_size * h
         return self.num_layers * per_layer + h + emb * (1 if self.tie_word_embeddings else 2)

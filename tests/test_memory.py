@@ -95,6 +95,12 @@ def test_params_grads_optimizer_states_are_exact(precision, tied):
     assert est["optimizer"] == states
 
 
+def _close(measured: int, estimated: int, rel: float = 0.01) -> bool:
+    """Within 1 %: tight enough that a missing tensor of any layer shows, loose enough that a few
+    scalars or a changed op's small temporary do not break the test."""
+    return abs(measured - estimated) <= rel * max(measured, estimated)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16-autocast", "bf16"])
 @pytest.mark.parametrize("loss", ["torch", "chunked"])
 def test_saved_tensors_match_the_per_op_derivation(precision, loss):
@@ -103,7 +109,8 @@ def test_saved_tensors_match_the_per_op_derivation(precision, loss):
     cfg, model, opt, ids, labels = _setup(precision, "none", loss)
     with saved_tensor_bytes(exclude=[*model.parameters(), ids, labels]) as saved, _autocast(precision):
         model(ids, labels=labels)
-    assert abs(saved["bytes"] - _estimate(cfg, precision, "none", loss)["saved_for_backward"]) <= 64
+    est = _estimate(cfg, precision, "none", loss)["saved_for_backward"]
+    assert _close(saved["bytes"], est), (saved["bytes"], est)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16-autocast", "bf16"])
@@ -122,7 +129,7 @@ def test_bytes_kept_from_forward_to_backward(precision, ac, loss):
     est = _estimate(cfg, precision, ac, loss)["saved_for_backward"]
     # checkpoint also keeps each block's CPU RNG state (host memory on a GPU, so not estimated)
     rng = cfg.num_layers * torch.get_rng_state().numel() if ac != "none" else 0
-    assert abs(mem.live_at["forward"] - rng - est) <= 64, (mem.live_at["forward"] - rng, est)
+    assert _close(mem.live_at["forward"] - rng, est), (mem.live_at["forward"] - rng, est)
 
 
 @pytest.mark.parametrize("ac", ["none", "full", "selective"])
@@ -235,5 +242,5 @@ def test_compiled_blocks_and_loss_fp32():
     apply_compile(model)
     base, mem = _measured_peak(model, opt, ids, labels, "fp32")
     est = _estimate(cfg, "fp32", "none", "compile", compile=True)
-    assert abs(mem.live_at["forward"] - est["saved_for_backward"]) <= 64
+    assert _close(mem.live_at["forward"], est["saved_for_backward"])
     assert abs(est["peak_bytes"] / (base + mem.peak) - 1) < 0.01, (est["peak_phase"], base + mem.peak, est["peak_bytes"])

@@ -347,3 +347,13 @@ def test_packed_documents_through_flex_attention(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _check_packed(tiny_model(seed=6, std=0.2), full=False)
+
+
+@pytest.mark.parametrize("kw", [{}, dict(qkv_bias=True, o_bias=True), dict(mlp_bias=True), dict(tie_word_embeddings=True),
+                                dict(num_kv_heads=2, head_dim=16)])
+def test_num_params_is_the_models_parameter_count(kw):
+    """The one parameter count (the estimator and the benchmarks use it) equals what the model holds."""
+    cfg = ModelConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, **kw)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    assert cfg.num_params() == sum(p.numel() for p in model.parameters())
