@@ -109,7 +109,7 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def collate(examples: list[Example], mode: str = "pad", pad_id: int = 0,
+def collate(examples: list[Example], *, mode: str = "pad", pad_id: int = 0,
             max_seq_len: int | None = None) -> dict[str, torch.Tensor]:
     """One micro-batch. pad/bucket: a row per example, right-padded to the longest. pack: examples
     first-fit-decreasing into rows of <= max_seq_len; position_ids restart at 0 per example and
@@ -182,5 +182,5 @@ def micro_batches(examples: list[Example], micro_batch_size: int, *, accum_steps
         raise DataError(f"rank {rank} is outside world size {world_size}")
     ordered = order_for_batching(examples, mode)
     m = micro_batch_size
-    return [collate(ordered[g * m:(g + 1) * m], mode, pad_id, max_seq_len)
+    return [collate(ordered[g * m:(g + 1) * m], mode=mode, pad_id=pad_id, max_seq_len=max_seq_len)
             for g in range(rank * accum_steps, (rank + 1) * accum_steps)]

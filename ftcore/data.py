@@ -154,16 +154,18 @@ def prepare_datasets(cfg, tokenizer, records: list[dict] | None = None, seed: in
     for name, recs in splits.items():
         skipped: dict[str, int] = {}
         rng = random.Random(seed) if name == "train" else None
-        rendered = render_records(recs, templates, data_cfg.chat_format, data_cfg.missing_field, skipped,
-                                  rng=rng, paraphrases=data_cfg.paraphrases)
+        rendered = render_records(recs, templates, chat_format=data_cfg.chat_format,
+                                  missing_field=data_cfg.missing_field, skipped=skipped, rng=rng,
+                                  paraphrases=data_cfg.paraphrases)
         if rng is not None:
             # the data's own label distribution, before any balancing: the majority baseline's
             stats["train_labels"] = label_counts(rendered)
             if data_cfg.balance > 0:
                 rendered = balance_classes(rendered, data_cfg.balance, rng)
         counts: dict[str, int] = {}
-        examples[name] = tokenize_examples(rendered, tokenizer, data_cfg.max_seq_len,
-                                           data_cfg.max_completion_tokens, data_cfg.overlong, counts)
+        examples[name] = tokenize_examples(rendered, tokenizer, max_seq_len=data_cfg.max_seq_len,
+                                           max_completion_tokens=data_cfg.max_completion_tokens,
+                                           overlong=data_cfg.overlong, counts=counts)
         for t, n in skipped.items():
             stats["skipped_missing"][t] = stats["skipped_missing"].get(t, 0) + n
         stats["splits"][name] = {"records": len(recs), **example_stats(examples[name]), **counts,
@@ -191,9 +193,9 @@ def heldout_examples(records_or_split, tokenizer, cfg) -> list[Example]:
     records = records_or_split.records["test"] if isinstance(records_or_split, Datasets) else records_or_split
     paraphrases = [(h, 1.0) for t, _ in resolve_templates(data_cfg) for h in heldout_templates(t.name)]
     plain = [r for r in records if record_format(r) is None]
-    rendered = render_records(plain, paraphrases, data_cfg.chat_format, "skip", {})
-    return tokenize_examples(rendered, tokenizer, data_cfg.max_seq_len, data_cfg.max_completion_tokens,
-                             data_cfg.overlong)
+    rendered = render_records(plain, paraphrases, chat_format=data_cfg.chat_format, missing_field="skip")
+    return tokenize_examples(rendered, tokenizer, max_seq_len=data_cfg.max_seq_len,
+                             max_completion_tokens=data_cfg.max_completion_tokens, overlong=data_cfg.overlong)
 
 
 # ----------------------------------------------------------------------------------------------

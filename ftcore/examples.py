@@ -56,7 +56,7 @@ def _cut_middle(ids: list[int], labels: list[int], keep: int) -> tuple[list[int]
     return ids[:head] + ids[len(ids) - tail:], labels[:head] + labels[len(labels) - tail:]
 
 
-def tokenize_examples(rendered: list[Rendered], tokenizer, max_seq_len: int = 512,
+def tokenize_examples(rendered: list[Rendered], tokenizer, *, max_seq_len: int = 512,
                       max_completion_tokens: int = 128, overlong: str = "truncate",
                       counts: dict[str, int] | None = None) -> list[Example]:
     """All segments of all examples go through the Rust batch encoder in one call (100k short

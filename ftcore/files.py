@@ -2,13 +2,22 @@
 new one, never half of one."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yields path.tmp to write to (by any writer: safetensors, tokenizers); renames it over
+    `path` (atomic on POSIX) once the block ends without an error."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    yield tmp
+    os.replace(tmp, path)
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Writes `text` to path.tmp, then renames it over `path` (atomic on POSIX)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

@@ -108,7 +108,7 @@ def render_record(record: dict, template: Template | None = None, chat_format: s
                     [(prompt, False), (completion, True)])
 
 
-def render_records(records: list[dict], templates: list[tuple[Template, float]], chat_format: str = "chatml",
+def render_records(records: list[dict], templates: list[tuple[Template, float]], *, chat_format: str = "chatml",
                    missing_field: str = "skip", skipped: dict[str, int] | None = None,
                    rng: random.Random | None = None, paraphrases: bool = False) -> list[Rendered]:
     """Every record with every template. With rng (training), a template of weight w renders a

@@ -23,7 +23,7 @@ from typing import Any, Iterable
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from ftcore.files import write_atomic
+from ftcore.files import atomic_path, write_atomic
 
 
 class TokenizerError(ValueError):
@@ -130,9 +130,8 @@ class Tokenizer:
                   "model_max_length": 1 << 30, **self.config, **special}
         if self.bos_id is None:
             config["bos_token"] = None
-        tmp = path / "tokenizer.json.tmp"
-        self.tok.save(str(tmp))
-        os.replace(tmp, path / "tokenizer.json")
+        with atomic_path(path / "tokenizer.json") as tmp:
+            self.tok.save(str(tmp))
         for name, obj in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
             write_atomic(path / name, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ftcore.files import write_atomic
+from ftcore.files import atomic_path, write_atomic
 from ftcore.hf import IGNORED_TENSORS, config_to_hf, hf_to_ours, ours_to_hf, read_config  # noqa: F401 (name mapping re-exported)
 from ftcore.model import ModelConfig, Transformer
 
@@ -136,10 +136,9 @@ def save_pretrained(model: Transformer, path, tokenizer=None, state_dict: dict |
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for shard, fname in zip(shards, names):
-        tmp = path / (fname + ".tmp")
-        save_file(shard, str(tmp), metadata={"format": "pt"})
-        _readable(tmp)
-        os.replace(tmp, path / fname)
+        with atomic_path(path / fname) as tmp:
+            save_file(shard, str(tmp), metadata={"format": "pt"})
+            _readable(tmp)
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total},

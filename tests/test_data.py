@@ -206,7 +206,7 @@ def test_truncation_keeps_completion_and_cuts_prompt_middle(tok):
     assert e.input_ids[-1] != tok.eos_id  # cut mid-sentence: no eos to learn
     assert all(x == IGNORE_INDEX for x in e.labels[:e.prompt_len]) and e.labels[e.prompt_len:] == e.input_ids[e.prompt_len:]
     counts = {}
-    assert tokenize_examples([long, r], tok, 64, 16, overlong="drop", counts=counts)[0].completion == r.completion
+    assert tokenize_examples([long, r], tok, max_seq_len=64, max_completion_tokens=16, overlong="drop", counts=counts)[0].completion == r.completion
     assert counts["dropped_overlong"] == 1
     # a completion that fits beside the whole prompt is kept whole, even above max_completion_tokens
     (e,) = tokenize_examples([long], tok, max_seq_len=512, max_completion_tokens=16)
@@ -253,7 +253,7 @@ def test_chat_loss_on_every_assistant_turn_only(tok, fmt, end, eos_in_chat):
     assert tok.decode(e.prompt_ids, skip_special_tokens=False).endswith(header)
     # collated and shifted, the chat mask survives every batching mode
     for mode in ("pad", "bucket", "pack"):
-        check_batch(collate([e, e], mode, tok.pad_id, 512), [e, e], mode)
+        check_batch(collate([e, e], mode=mode, pad_id=tok.pad_id, max_seq_len=512), [e, e], mode)
 
 
 def test_chat_bad_records(tok):
@@ -339,7 +339,7 @@ def make_examples(tok, n=24, seed=0):
 @pytest.mark.parametrize("mode", ["pad", "bucket", "pack"])
 def test_collate_masks_every_mode(tok, mode):
     ex = make_examples(tok)[:8]
-    batch = collate(ex, mode, tok.pad_id, max_seq_len=320)
+    batch = collate(ex, mode=mode, pad_id=tok.pad_id, max_seq_len=320)
     check_batch(batch, ex, mode)
     if mode != "pack":
         assert batch["input_ids"].shape == (8, max(len(e) for e in ex))
@@ -362,13 +362,13 @@ def test_pack_doc_ids_and_positions_by_hand():
         ids = list(range(10 * n, 10 * n + n))
         return Example("r", "t", "generation", "", "", ids, [IGNORE_INDEX] * p + ids[p:], p)
     a, b, c = ex(5, 2), ex(3, 1), ex(4, 3)
-    batch = collate([a, b, c], "pack", pad_id=0, max_seq_len=8)
+    batch = collate([a, b, c], mode="pack", pad_id=0, max_seq_len=8)
     # FFD: a (5) + b (3) fill row 0; c (4) goes alone in row 1, padded to 8
     assert batch["doc_ids"].tolist() == [[0] * 5 + [1] * 3, [0] * 4 + [-1] * 4]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 0, 1, 2, 3]]
     assert batch["input_ids"].tolist() == [[50, 51, 52, 53, 54, 30, 31, 32], [40, 41, 42, 43, 0, 0, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 52, 53, 54, -100, 31, 32, -100], [-100, -100, 43, -100, -100, -100, -100, -100]]
-    padded = collate([a, b], "pad", pad_id=9)
+    padded = collate([a, b], mode="pad", pad_id=9)
     assert padded["labels"].tolist() == [[-100, 52, 53, 54, -100], [31, 32, -100, -100, -100]]
     assert padded["input_ids"][1].tolist() == [30, 31, 32, 9, 9]
 
