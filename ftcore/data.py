@@ -1,5 +1,6 @@
-"""Instruction data: load records, split them, render prompt/completion pairs, tokenize with a
-completion mask, and batch (pad, bucket or pack).
+"""Instruction data, assembled for a run from its stages: records (ftcore.records: load, rename,
+split), rendering (ftcore.rendering: prompt/completion pairs), tokenisation with a completion mask
+(ftcore.examples), batching (ftcore.batching: pad, bucket or pack).
 
     records (dicts)  --split by record-->  train / validation / test records
         --render (templates, or the record's own instruction format)-->  Rendered
