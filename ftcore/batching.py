@@ -35,7 +35,6 @@ def padding_share(lengths: list[int], mode: str, micro_batch_size: int, global_b
     return 1.0 - real / total
 
 
-
 # ----------------------------------------------------------------------------------------------
 # batching: which examples form a step (StepSampler), how they are split and collated
 

@@ -472,24 +472,23 @@ def estimate_run(cfg, model_cfg, world_size: int = 1, device: torch.device | Non
     from ftcore.train import resolve_loss, use_fsdp
     t = cfg.train
     device = device or torch.device("cpu" if t.device == "cpu" else "cuda")
+    loss, fsdp, accum = resolve_loss(cfg, device), use_fsdp(cfg, world_size), accumulation_steps(cfg, world_size)
     opt_temp = None
     if not uses_torch_adamw(cfg, params_fp32=t.precision != "bf16"):
         # ftcore's AdamW works on buckets of up to CHUNK elements: an fp32 copy of each bf16 operand
         # (weights and gradients, states stored in bf16) and the fp32 denominator
         bf16_params, bf16_states = t.precision == "bf16", t.optimizer_state_dtype == "bfloat16"
         fp32_copies = 2 * bf16_params + 2 * bf16_states + 1
-        shards = world_size if use_fsdp(cfg, world_size) else 1
+        shards = world_size if fsdp else 1
         opt_temp = fp32_copies * 4 * min(CHUNK, math.ceil(model_cfg.num_params() / shards))
     e = estimate_peak_bytes(model_cfg, micro_batch_size=t.micro_batch_size, seq_len=cfg.data.max_seq_len,
                             precision=t.precision, activation_checkpointing=t.activation_checkpointing,
-                            loss=resolve_loss(cfg, device), world_size=world_size, fsdp=use_fsdp(cfg, world_size),
-                            labelled_fraction=labelled_fraction, compile=t.compile,
-                            grad_accum_steps=accumulation_steps(cfg, world_size),
+                            loss=loss, world_size=world_size, fsdp=fsdp,
+                            labelled_fraction=labelled_fraction, compile=t.compile, grad_accum_steps=accum,
                             fused_optimizer=fused_adamw(cfg, device),
                             optimizer_state_bytes=2 if t.optimizer_state_dtype == "bfloat16" else 4,
                             optimizer_temp_bytes=opt_temp)
-    return {**e, "device": device, "loss": resolve_loss(cfg, device), "fsdp": use_fsdp(cfg, world_size),
-            "accum": accumulation_steps(cfg, world_size)}
+    return {**e, "device": device, "loss": loss, "fsdp": fsdp, "accum": accum}
 
 
 def estimate_report(cfg, world_size: int = 1) -> str:
