@@ -71,6 +71,10 @@ PRESETS: dict[str, dict] = {
                                 num_layers=32, num_heads=32, num_kv_heads=8, rope_theta=500000.0,
                                 max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False),
                        memory_only=True),
+    # the CPU benchmark's shape (issue 19): big enough for bf16 to pay, small enough for 2 cores
+    "cpu-50m": dict(cfg=dict(model_type="llama", vocab_size=32000, hidden_size=512, intermediate_size=1376,
+                             num_layers=6, num_heads=8, num_kv_heads=8, max_position_embeddings=2048,
+                             rms_norm_eps=1e-5, tie_word_embeddings=False), micro_batch=4, seq_len=512),
     "tiny": dict(cfg=dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=192, num_layers=2,
                           num_heads=4, num_kv_heads=2, max_position_embeddings=512, tie_word_embeddings=True)),
 }
@@ -88,9 +92,9 @@ class Row:
     name: str
     what: str
     impl: str = "ftcore"              # ftcore | hf
-    precision: str = "bf16-autocast"  # fp32 master + bf16 autocast: the peers' usual set-up
+    precision: str = "bf16-autocast"  # fp32 master + bf16 autocast: the peers' usual set-up; ftcore: or auto
     ac: str = "none"                  # ftcore: none | full | selective; hf: none | full (gradient checkpointing)
-    loss: str = "torch"
+    loss: str = "torch"               # ftcore: or auto
     compile: bool = False             # ftcore: each block; hf: the whole model
     fsdp: bool = False
     liger: bool = False
@@ -115,7 +119,11 @@ ROWS = [
     Row("best-ac", "bf16-mixed + triton loss + full AC", precision="bf16-mixed", fsdp=True, loss="triton", ac="full"),
     Row("best-kernels", "bf16-mixed + triton loss + fused kernels", precision="bf16-mixed", fsdp=True,
         loss="triton", kernels="triton"),
+    Row("default", "ftcore train's defaults here (train.loss and train.precision = auto)", precision="auto", loss="auto"),
+    Row("fp32", "fp32 throughout, torch loss", precision="fp32"),
+    Row("fp32-chunked", "fp32 throughout, labelled rows only", precision="fp32", loss="chunked"),
     Row("hf", "transformers' model of the shape, fp32 + autocast", impl="hf"),
+    Row("hf-fp32", "transformers' model of the shape, fp32 (its default)", impl="hf", precision="fp32"),
     Row("hf-gc", "hf + gradient checkpointing", impl="hf", ac="full"),
     Row("hf-liger", "hf + Liger Kernel", impl="hf", liger=True),
     Row("hf-liger-gc", "hf + Liger + gradient checkpointing", impl="hf", liger=True, ac="full"),
@@ -127,7 +135,9 @@ ROWS = [
     Row("hf-compile", "hf under torch.compile", impl="hf", compile=True),
     Row("hf-compile-bf16", "hf under torch.compile, pure bf16", impl="hf", compile=True, precision="bf16"),
 ]
-SMOKE_ROWS = ["baseline", "ac-selective", "loss-chunked", "bf16", "hf"]
+SMOKE_ROWS = ["baseline", "ac-selective", "loss-chunked", "bf16", "default", "hf"]
+# --device cpu: ftcore's default against the peer at its default precision and at the same one
+CPU_ROWS = ["hf-fp32", "hf", "fp32", "fp32-chunked", "loss-chunked", "default"]
 
 
 def why_unavailable(row: Row, device: str) -> str | None:
@@ -205,26 +215,29 @@ def init_on_device(model: torch.nn.Module, std: float = 0.02) -> None:
             p.zero_()
 
 
-def run_config(row: Row) -> Config:
-    """The `ftcore train` config of a row: the benchmark builds, steps and optimizes the model with
-    ftcore.train's own functions from it, so a row measures what a run with these keys runs."""
-    cfg = Config()
-    t = cfg.train
+def run_config(row: Row, cfg: ModelConfig, device) -> Config:
+    """The `ftcore train` config of a row, "auto" resolved for this device and shape as `ftcore
+    train` resolves it: the benchmark builds, steps and optimizes the model with ftcore.train's own
+    functions from it, so a row measures what a run with these keys runs."""
+    from ftcore.hardware import resolve_auto
+    run_cfg = Config()
+    t = run_cfg.train
     t.precision, t.activation_checkpointing, t.loss, t.compile = row.precision, row.ac, row.loss, row.compile
     t.fsdp = "on" if row.fsdp else "off"
     t.kernels = {k: row.kernels for k in ("rmsnorm", "rope", "swiglu")} if row.kernels else {}
     t.lr, t.beta1, t.beta2, t.weight_decay, t.grad_clip = 1e-5, 0.9, 0.95, 0.0, 1.0
-    return cfg
+    resolve_auto(t, torch.device(device), cfg.hidden_size)
+    return run_cfg
 
 
 def build_ftcore(row: Row, cfg: ModelConfig, device):
     from ftcore.model import Transformer
     from ftcore.parallel import init_distributed
     from ftcore.train import parallelize
-    run_cfg = run_config(row)
+    run_cfg = run_config(row, cfg, device)
     with torch.device("meta"):
-        model = Transformer(cfg, loss=row.loss, kernels=run_cfg.train.kernels)
-    if row.precision == "bf16":
+        model = Transformer(cfg, loss=run_cfg.train.loss, kernels=run_cfg.train.kernels)
+    if run_cfg.train.precision == "bf16":
         model = model.to(torch.bfloat16)
     model = model.to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty gives each module its own new parameter: tie again
@@ -287,7 +300,7 @@ def run_child(spec: dict) -> dict:
     torch.manual_seed(0)
     from ftcore.optim import build_optimizer
     from ftcore.train import autocast_context, train_step
-    run_cfg = run_config(row)
+    run_cfg = run_config(row, cfg, device)
     model = build_hf(row, cfg, device) if row.impl == "hf" else build_ftcore(row, cfg, device)
     params = [p for p in model.parameters() if p.requires_grad]
     if row.impl == "hf":  # the peer as its users run it: torch's AdamW, fused where it can be
@@ -472,7 +485,7 @@ def estimate_row(row: Row, cfg: ModelConfig, B: int, T: int, labelled_fraction: 
     if row.impl != "ftcore":
         return None
     from ftcore.estimate import estimate_run
-    run_cfg = run_config(row)
+    run_cfg = run_config(row, cfg, device)
     run_cfg.train.micro_batch_size = run_cfg.train.global_batch_size = B
     run_cfg.data.max_seq_len = T
     e = estimate_run(run_cfg, cfg, device=torch.device(device), labelled_fraction=labelled_fraction)
@@ -489,6 +502,19 @@ def gpu_info() -> tuple[str | None, int | None]:
         return name, int(float(mib)) * 2 ** 20
     except (OSError, IndexError, ValueError, subprocess.TimeoutExpired):
         return None, None
+
+
+def cpu_info() -> str:
+    """The CPU's model name, cores, torch's threads and its native bf16 features."""
+    from ftcore.hardware import cpu_bf16_features
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), name)
+    except OSError:
+        pass
+    bf16 = ", ".join(cpu_bf16_features()) or "no native bf16"
+    return f"CPU ({name}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, {bf16})"
 
 
 def versions() -> dict:
@@ -564,10 +590,12 @@ def fmt_estimates(results: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="llama-3.2-1b", choices=sorted(PRESETS))
-    ap.add_argument("--rows", default="", help="comma-separated row names (default: all)")
-    ap.add_argument("--micro-batch", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                    help="model shape (default: llama-3.2-1b on CUDA, cpu-50m on a CPU)")
+    ap.add_argument("--rows", default="", help="comma-separated row names (default: all on CUDA; on a CPU "
+                    + ",".join(CPU_ROWS) + ")")
+    ap.add_argument("--micro-batch", type=int, default=None, help="default: the preset's, else 4")
+    ap.add_argument("--seq-len", type=int, default=None, help="default: the preset's, else 2048")
     ap.add_argument("--prompt-frac", type=float, default=0.75, help="leading share of each row labelled -100")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
@@ -597,9 +625,14 @@ def main(argv=None) -> int:
         args.sweep_seq, args.sweep_mb, args.sweep_rows = "32,64", "1,2", "baseline"
     # torch.cuda.is_available() asks the driver without creating a context
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    args.preset = args.preset or ("llama-3.2-1b" if device == "cuda" else "cpu-50m")
+    preset = PRESETS[args.preset]
+    args.micro_batch = args.micro_batch or preset.get("micro_batch", 4)
+    args.seq_len = args.seq_len or preset.get("seq_len", 2048)
     cfg = model_config(args.preset)
     by_name = {r.name: r for r in ROWS}
-    names = [n.strip() for n in args.rows.split(",") if n.strip()] or [r.name for r in ROWS]
+    names = ([n.strip() for n in args.rows.split(",") if n.strip()]
+             or (CPU_ROWS if device == "cpu" else [r.name for r in ROWS]))
     sweep_names = [n.strip() for n in args.sweep_rows.split(",") if n.strip()] if args.sweep else []
     unknown = [n for n in names + sweep_names if n not in by_name]
     if unknown:
@@ -613,7 +646,7 @@ def main(argv=None) -> int:
     frac = n_labelled / (B * T)
     flops = step_flops(cfg, B, T, n_labelled)
     gpu_name, gpu_mem = gpu_info() if device == "cuda" else (None, None)
-    dev_name = (gpu_name or "CUDA GPU") if device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    dev_name = (gpu_name or "CUDA GPU") if device == "cuda" else cpu_info()
     ptf = args.peak_tflops or (peak_tflops(dev_name) if device == "cuda" else None)
     meta = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "device": dev_name, "versions": versions(),

@@ -90,9 +90,9 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0         # 0 = off
-    precision: str = "fp32"        # fp32 | bf16-autocast | bf16-mixed | bf16
+    precision: str = "auto"        # auto (ftcore/hardware.py) | fp32 | bf16-autocast | bf16-mixed | bf16
     activation_checkpointing: str = "none"  # none | full | selective
-    loss: str = "auto"             # auto (triton on CUDA, torch on CPU) | torch | triton | compile | chunked
+    loss: str = "auto"             # auto (triton on CUDA, chunked elsewhere) | torch | triton | compile | chunked
     kernels: dict[str, str] = field(default_factory=dict)  # layer kernels, e.g. {rmsnorm = "triton"}; missing = torch
     compile: bool = False          # torch.compile each transformer block
     fsdp: str = "auto"             # auto (on when world > 1) | on | off
@@ -150,7 +150,7 @@ class Config:
 CHOICES = {
     "train.resume": ("auto", "never"),
     "train.schedule": ("cosine", "linear", "constant"),
-    "train.precision": ("fp32", "bf16-autocast", "bf16-mixed", "bf16"),
+    "train.precision": ("auto", "fp32", "bf16-autocast", "bf16-mixed", "bf16"),
     "train.activation_checkpointing": ("none", "full", "selective"),
     "train.fsdp": ("auto", "on", "off"),
     "train.nonfinite": ("stop", "skip"),

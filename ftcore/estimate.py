@@ -467,12 +467,17 @@ def estimate_run(cfg, model_cfg, world_size: int = 1, device: torch.device | Non
     """estimate_peak_bytes for the step a run config trains, deciding FSDP, the loss and the
     optimizer with the run's own functions (not copies of them). device: default train.device,
     with auto meaning the GPU the estimate is for."""
+    import dataclasses
+
     from ftcore.config import accumulation_steps
+    from ftcore.hardware import resolve_auto
     from ftcore.optim import CHUNK, fused_adamw, uses_torch_adamw
-    from ftcore.train import resolve_loss, use_fsdp
+    from ftcore.train import use_fsdp
+    device = device or torch.device("cpu" if cfg.train.device == "cpu" else "cuda")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train))  # "auto" resolved on a copy
+    resolve_auto(cfg.train, device, model_cfg.hidden_size)
     t = cfg.train
-    device = device or torch.device("cpu" if t.device == "cpu" else "cuda")
-    loss, fsdp, accum = resolve_loss(cfg, device), use_fsdp(cfg, world_size), accumulation_steps(cfg, world_size)
+    loss, fsdp, accum = t.loss, use_fsdp(cfg, world_size), accumulation_steps(cfg, world_size)
     opt_temp = None
     if not uses_torch_adamw(cfg, params_fp32=t.precision != "bf16"):
         # ftcore's AdamW works on buckets of up to CHUNK elements: an fp32 copy of each bf16 operand
@@ -488,7 +493,7 @@ def estimate_run(cfg, model_cfg, world_size: int = 1, device: torch.device | Non
                             fused_optimizer=fused_adamw(cfg, device),
                             optimizer_state_bytes=2 if t.optimizer_state_dtype == "bfloat16" else 4,
                             optimizer_temp_bytes=opt_temp)
-    return {**e, "device": device, "loss": loss, "fsdp": fsdp, "accum": accum}
+    return {**e, "device": device, "loss": loss, "precision": t.precision, "fsdp": fsdp, "accum": accum}
 
 
 def estimate_report(cfg, world_size: int = 1) -> str:
@@ -503,7 +508,7 @@ def estimate_report(cfg, world_size: int = 1) -> str:
         f"{mc.intermediate_size}, heads {mc.num_heads}/{mc.num_kv_heads} kv, vocab {mc.vocab_size}, "
         f"{'tied' if mc.tie_word_embeddings else 'untied'}; {e['params'] / 1e6:,.1f}M parameters",
         f"step: micro-batch {t.micro_batch_size} x {cfg.data.max_seq_len} tokens, {accum} accumulation "
-        f"step(s), precision {t.precision}, activation checkpointing {t.activation_checkpointing}, loss {loss}"
+        f"step(s), precision {e['precision']}, activation checkpointing {t.activation_checkpointing}, loss {loss}"
         f"{', compiled blocks' if t.compile else ''}, {'FSDP' if fsdp else 'no FSDP'}, world {world_size}, "
         f"{device.type}{' (train.device=auto: estimated for CUDA)' if t.device == 'auto' else ''}",
         "",

@@ -2,10 +2,14 @@
 
 Trains a byte-level BPE tokenizer and a tiny Llama-family model on raw review text of the training
 split (loss on every token, no instructions), then saves it as an HF directory, so the fine-tune
-loads it through from_pretrained like any other checkpoint.
+loads it through from_pretrained like any other checkpoint. It takes train.loss and
+train.precision ("auto" resolved at the pretraining width); the weights stay fp32, so any bf16
+precision means bf16 autocast here.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -14,8 +18,9 @@ import torch
 from tqdm import tqdm
 
 from ftcore.config import Config
+from ftcore.hardware import resolve_auto
 from ftcore.model import ModelConfig, Transformer
-from ftcore.optim import pretrain_lr_lambda
+from ftcore.optim import fused_adamw, pretrain_lr_lambda
 from ftcore.tokenizer import Tokenizer
 from ftcore.weights import save_pretrained
 
@@ -48,10 +53,16 @@ def pretrain_base(cfg: Config, out_dir: Path, device: torch.device) -> Path:
                        num_kv_heads=p.num_kv_heads, max_position_embeddings=max(p.seq_len, cfg.data.max_seq_len),
                        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
                        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    choice = dataclasses.replace(cfg.train)
+    for line in resolve_auto(choice, device, p.hidden_size):
+        print("pretraining: " + line, flush=True)
+    bf16 = choice.precision != "fp32"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     torch.manual_seed(cfg.run.seed)
-    model = Transformer(mcfg).to(device)
+    model = Transformer(mcfg, loss=choice.loss).to(device)
     model.init_weights(seed=cfg.run.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=p.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=p.lr, betas=(0.9, 0.95), weight_decay=0.0,
+                            fused=fused_adamw(cfg, device))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, pretrain_lr_lambda(p.steps))
 
     g = torch.Generator().manual_seed(cfg.run.seed)
@@ -60,7 +71,8 @@ def pretrain_base(cfg: Config, out_dir: Path, device: torch.device) -> Path:
     for _ in bar:
         starts = torch.randint(0, n_windows, (p.batch_size,), generator=g)
         window = torch.stack([stream[s:s + p.seq_len + 1] for s in starts.tolist()]).to(device)
-        loss_sum, n = model(window[:, :-1], labels=window[:, 1:])
+        with autocast:
+            loss_sum, n = model(window[:, :-1], labels=window[:, 1:])
         loss = loss_sum / n
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -11,7 +11,8 @@ config.toml says what ran.
 - `check_resume_config`: resuming may change only what does not change the run's trajectory
   (RESUMABLE_CHANGES: evaluation, logging, checkpointing, and how the same step is computed);
   any other difference from the recorded config.toml is refused, naming the keys. Accepted
-  changes are printed, and config.toml is rewritten with them once the run is under way.
+  changes are printed, and config.toml is rewritten with them once the run is under way. A
+  train.loss or train.precision of "auto" takes the value the run recorded when it began.
 """
 from __future__ import annotations
 
@@ -92,7 +93,8 @@ def config_changes(old: Config, new: Config) -> dict[str, tuple]:
 
 def check_resume_config(run_dir: Path, cfg: Config, report=print) -> None:
     """Refuses a resume whose config differs from the recorded one in a key outside
-    RESUMABLE_CHANGES; reports the accepted changes."""
+    RESUMABLE_CHANGES; reports the accepted changes. Sets an "auto" train.loss / train.precision
+    in cfg to the recorded choice."""
     path = run_dir / "config.toml"
     if not path.is_file():
         return
@@ -100,6 +102,9 @@ def check_resume_config(run_dir: Path, cfg: Config, report=print) -> None:
         recorded = load_config(path)
     except ConfigError as e:
         raise ConfigError(f"{path} (the config of the run being resumed) is not readable: {e}") from None
+    for key in ("loss", "precision"):  # "auto" was resolved when the run began: keep that choice
+        if getattr(cfg.train, key) == "auto":
+            setattr(cfg.train, key, getattr(recorded.train, key))
     changes = config_changes(recorded, cfg)
     refused = [k for k in changes if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_CHANGES)]
     if refused:

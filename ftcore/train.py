@@ -21,6 +21,8 @@ from ftcore import checkpoint as ckpt
 from ftcore.config import Config, ConfigError, accumulation_steps, check_kernels, to_toml
 from ftcore.data import Datasets, Example, StepSampler, collate, format_stats, micro_batches, prepare_datasets
 from ftcore.files import write_atomic
+from ftcore.hardware import resolve_auto
+from ftcore.hf import read_config
 from ftcore.memory import peak_mem_bytes
 from ftcore.model import IGNORE_INDEX, Transformer
 from ftcore.offload import ActivationOffload
@@ -83,12 +85,6 @@ def use_fsdp(cfg: Config, world_size: int) -> bool:
         world_size > 1 or cfg.train.precision == "bf16-mixed" or cfg.train.cpu_offload))
 
 
-def resolve_loss(cfg: Config, device: torch.device) -> str:
-    if cfg.train.loss == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    return cfg.train.loss
-
-
 def import_plugins(cfg: Config) -> None:
     """User modules named in train.plugins, imported before the model is built, so that the kernels
     they register can be chosen by name (train.loss = "mine")."""
@@ -104,7 +100,7 @@ def build_model(cfg: Config, model_dir: Path, proc: Dist) -> Transformer:
     import_plugins(cfg)
     check_kernels(cfg.train.kernels)  # again: plugins may have registered the names
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    model = Transformer.from_pretrained(model_dir, dtype=dtype, device=proc.device, loss=resolve_loss(cfg, proc.device),
+    model = Transformer.from_pretrained(model_dir, dtype=dtype, device=proc.device, loss=cfg.train.loss,
                                         kernels=cfg.train.kernels)
     return parallelize(model, cfg, proc)
 
@@ -231,9 +227,12 @@ def set_up(cfg: Config, proc: Dist) -> Run:
     tokenizer = Tokenizer.from_dir(base_dir)
     datasets = prepare_datasets(cfg, tokenizer)
     check_splits(cfg, datasets)
+    # "auto" becomes this machine's choice for this model, once; config.toml records the choice
+    for line in resolve_auto(cfg.train, proc.device, read_config(base_dir).hidden_size):
+        say(line)
     if proc.is_main:
         print(format_stats(datasets.stats), flush=True)
-        write_atomic(run_dir / "config.toml", to_toml(cfg))  # validated: this is what runs
+        write_atomic(run_dir / "config.toml", to_toml(cfg))  # validated and resolved: this is what runs
     barrier(proc)
     run = Run(run_dir, resume_from, base_dir, tokenizer, datasets, results={}, t_start=t_start)
     if not cfg.model.path:

@@ -1,0 +1,97 @@
+"""What this machine computes fast, and the choices `train.loss = "auto"` and
+`train.precision = "auto"` make from it.
+
+Loss: the fused lm_head + cross-entropy over the labelled rows only is the fastest correct loss on
+every device: the Triton kernel on CUDA, its plain-torch twin ("chunked") elsewhere.
+
+Precision on a CPU: bf16 autocast (fp32 master weights and optimizer states) pays only where the CPU
+multiplies bf16 natively (AMX-BF16 or AVX512-BF16; without them oneDNN emulates bf16 and it is
+slower than fp32) *and* the matmuls are wide enough for the faster multiply to outweigh autocast's
+casts. Measured on a 2-core Xeon with AMX (bench/notes.md, "bf16 crossover"): the step is slower in
+bf16 at hidden size 128 and faster from hidden size BF16_MIN_HIDDEN_SIZE up, so that is the rule.
+On CUDA, bf16 autocast wherever the GPU supports bf16.
+
+FTCORE_CPU_BF16=0 or 1 overrides the detection (to try the other path, and for tests).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BF16_MIN_HIDDEN_SIZE = 64
+
+
+@functools.cache
+def cpu_bf16_features() -> tuple[str, ...]:
+    """The native bf16 matmul features this CPU reports ("AMX-BF16", "AVX512-BF16"), from torch's
+    cpuinfo where it has the probes, else from /proc/cpuinfo."""
+    found = []
+    probes = (("AMX-BF16", "_is_amx_tile_supported", "amx_bf16"), ("AVX512-BF16", "_is_avx512_bf16_supported", "avx512_bf16"))
+    flags = None
+    for name, probe, flag in probes:
+        fn = getattr(torch.cpu, probe, None)
+        if fn is not None:
+            has = bool(fn())
+        else:
+            if flags is None:
+                flags = _proc_cpuinfo_flags()
+            has = flag in flags
+        if has:
+            found.append(name)
+    return tuple(found)
+
+
+def _proc_cpuinfo_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_native_bf16() -> tuple[bool, str]:
+    """(whether bf16 matmuls run natively here, the evidence in words)."""
+    forced = os.environ.get("FTCORE_CPU_BF16", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1", f"FTCORE_CPU_BF16={forced}"
+    if forced:
+        raise ValueError(f"FTCORE_CPU_BF16 must be 0 or 1, got {forced!r}")
+    features = cpu_bf16_features()
+    return bool(features), ("CPU has " + " and ".join(features)) if features else "CPU has no AMX-BF16 or AVX512-BF16"
+
+
+def auto_loss(device: torch.device) -> tuple[str, str]:
+    if device.type == "cuda":
+        return "triton", "fused Triton loss over the labelled rows"
+    return "chunked", "labelled rows only, in plain torch (no Triton on a CPU)"
+
+
+def auto_precision(device: torch.device, hidden_size: int) -> tuple[str, str]:
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16-autocast", "the GPU has bf16"
+        return "fp32", "the GPU has no bf16"
+    native, why = cpu_native_bf16()
+    if not native:
+        return "fp32", why
+    if hidden_size < BF16_MIN_HIDDEN_SIZE:
+        return "fp32", f"{why}, but at hidden size {hidden_size} (< {BF16_MIN_HIDDEN_SIZE}) autocast's casts cost more than it saves"
+    return "bf16-autocast", f"{why}, hidden size {hidden_size} >= {BF16_MIN_HIDDEN_SIZE}"
+
+
+def resolve_auto(train_cfg, device: torch.device, hidden_size: int) -> list[str]:
+    """Replaces "auto" in train_cfg.loss and train_cfg.precision by the choice for this device and
+    model width; returns one line per choice made, to print."""
+    said = []
+    if train_cfg.loss == "auto":
+        train_cfg.loss, why = auto_loss(device)
+        said.append(f"train.loss = auto -> {train_cfg.loss} ({why})")
+    if train_cfg.precision == "auto":
+        train_cfg.precision, why = auto_precision(device, hidden_size)
+        said.append(f"train.precision = auto -> {train_cfg.precision} ({why})")
+    return said
