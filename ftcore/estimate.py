@@ -13,10 +13,13 @@ stays one file (over the project's ~400 lines): each phase's sum reads beside th
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
+
+from ftcore.model import CPU_BF16_ATTENTION_MIN_HEAD_DIM
 
 MiB = 2 ** 20
 GiB = 2 ** 30
@@ -89,6 +92,7 @@ class Shape:
     mlp_bias: bool
     tied: bool
     total_params: int  # ModelConfig.num_params: the one parameter count
+    attn_fp32: bool = False  # bf16 attention computed in fp32 (CPU, small heads: model.Attention)
 
     @classmethod
     def of(cls, cfg, micro_batch_size: int, seq_len: int) -> "Shape":
@@ -159,6 +163,10 @@ def _norm_saved(s: Shape, dt: Dtypes, consumers: int) -> dict[str, int]:
 
 def _attn_saved(s: Shape, dt: Dtypes) -> dict[str, int]:
     n, c = s.n, dt.compute
+    if s.attn_fp32:  # SDPA saves its fp32 copies and fp32 output; o saves the bf16 cast of that
+        return {"q, k after rope (fp32)": 4 * n * (s.qd + s.kvd), "v (fp32)": 4 * n * s.kvd,
+                "attention output (fp32)": 4 * n * s.qd, "o input (bf16 cast)": c * n * s.qd,
+                "logsumexp": 4 * s.B * s.nh * s.T}
     return {"q, k after rope": c * n * (s.qd + s.kvd), "v": c * n * s.kvd,
             "attention output": c * n * s.qd, "logsumexp": 4 * s.B * s.nh * s.T}
 
@@ -185,7 +193,7 @@ def _block_saved(s: Shape, dt: Dtypes, ac: str, compiled: bool) -> dict[str, int
                 "q, k, v projections": c * n * (s.qd + 2 * s.kvd),
                 "o, down projections": 2 * c * n * H,
                 "gate, up projections": 2 * c * n * I,
-                "attention output": c * n * s.qd, "logsumexp": 4 * s.B * s.nh * s.T}
+                "attention output": (4 if s.attn_fp32 else c) * n * s.qd, "logsumexp": 4 * s.B * s.nh * s.T}
     if compiled:
         # What AOTAutograd's min-cut partitioner keeps (read from its forward graph's outputs,
         # TORCH_LOGS=aot_graphs): the block input, both rsqrt, each norm's output once in the
@@ -296,7 +304,7 @@ def estimate_peak_bytes(model_cfg, *, micro_batch_size: int, seq_len: int, preci
                         fsdp: bool = False, labelled_fraction: float = 1.0, compile: bool = False,
                         grad_accum_steps: int = 1, fused_optimizer: bool = True,
                         optimizer_state_bytes: int | None = None, optimizer_temp_bytes: int | None = None,
-                        loss_memory_budget: int | None = None) -> dict:
+                        loss_memory_budget: int | None = None, device_type: str = "cuda") -> dict:
     """Predict the peak bytes of one training step of ftcore's Transformer on one rank.
 
     model_cfg: an ftcore.model.ModelConfig. precision: fp32 | bf16-autocast | bf16-mixed | bf16
@@ -306,6 +314,8 @@ def estimate_peak_bytes(model_cfg, *, micro_batch_size: int, seq_len: int, preci
     fused (or foreach); False = the single-tensor AdamW (CPU default), which adds temporaries.
     optimizer_state_bytes: bytes per element of exp_avg/exp_avg_sq (default: the parameters',
     as torch's AdamW); optimizer_temp_bytes: the optimizer step's temporaries, when known.
+    device_type: "cpu" runs bf16 attention of small heads in fp32 (model.CPU_BF16_ATTENTION_MIN_HEAD_DIM;
+    not modelled for compiled blocks).
 
     Returns {"peak_bytes", "peak_phase", "phases": {phase: bytes}, "breakdown": {component: bytes
     at the peak}, "per_layer": {activation item: bytes}, "notes": [...]}."""
@@ -314,6 +324,8 @@ def estimate_peak_bytes(model_cfg, *, micro_batch_size: int, seq_len: int, preci
     dt = precision_dtypes(precision)
     fsdp = fsdp or precision == "bf16-mixed"
     s = Shape.of(model_cfg, micro_batch_size, seq_len)
+    if device_type == "cpu" and dt.compute == 2 and s.hd < CPU_BF16_ATTENTION_MIN_HEAD_DIM:
+        s = dataclasses.replace(s, attn_fp32=True)
     ac = activation_checkpointing
     W = world_size if fsdp else 1
     n, H, V, L = s.n, s.H, s.V, s.L
@@ -467,8 +479,6 @@ def estimate_run(cfg, model_cfg, world_size: int = 1, device: torch.device | Non
     """estimate_peak_bytes for the step a run config trains, deciding FSDP, the loss and the
     optimizer with the run's own functions (not copies of them). device: default train.device,
     with auto meaning the GPU the estimate is for."""
-    import dataclasses
-
     from ftcore.config import accumulation_steps
     from ftcore.hardware import resolve_auto
     from ftcore.optim import CHUNK, fused_adamw, uses_torch_adamw
@@ -492,7 +502,7 @@ def estimate_run(cfg, model_cfg, world_size: int = 1, device: torch.device | Non
                             labelled_fraction=labelled_fraction, compile=t.compile, grad_accum_steps=accum,
                             fused_optimizer=fused_adamw(cfg, device),
                             optimizer_state_bytes=2 if t.optimizer_state_dtype == "bfloat16" else 4,
-                            optimizer_temp_bytes=opt_temp)
+                            optimizer_temp_bytes=opt_temp, device_type=device.type)
     return {**e, "device": device, "loss": loss, "precision": t.precision, "fsdp": fsdp, "accum": accum}
 
 

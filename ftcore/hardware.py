@@ -68,7 +68,7 @@ def cpu_native_bf16() -> tuple[bool, str]:
 def auto_loss(device: torch.device) -> tuple[str, str]:
     if device.type == "cuda":
         return "triton", "fused Triton loss over the labelled rows"
-    return "chunked", "labelled rows only, in plain torch (no Triton on a CPU)"
+    return "chunked", "the labelled rows only, in plain torch: Triton needs a GPU"
 
 
 def auto_precision(device: torch.device, hidden_size: int) -> tuple[str, str]:

@@ -94,7 +94,7 @@ def hf_grads_by_our_name(hf_model) -> dict[str, torch.Tensor]:
     return out
 
 
-def make_run_setup(root, n_records: int = 96, vocab_size: int = 384):
+def make_run_setup(root, n_records: int = 96, vocab_size: int = 384, hidden_size: int = 32):
     """A directory for in-process training runs: reviews.jsonl (the embedded generator) and base/,
     a tiny HF checkpoint with a BPE tokenizer trained on those reviews."""
     import json
@@ -106,7 +106,7 @@ def make_run_setup(root, n_records: int = 96, vocab_size: int = 384):
     records = generate_reviews(n_records, 0)
     (root / "reviews.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     tok = Tokenizer.train_bpe(pretraining_texts(records), vocab_size)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_layers=2,
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_layers=2,
                       num_heads=4, num_kv_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
                       bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     torch.manual_seed(0)
@@ -157,8 +157,9 @@ def compile_for_gpu_or_skip(builds_source: str) -> None:
 # the short fine-tuning run most tests start from: the tiny base of make_run_setup, 6 steps on CPU
 RUN_DEFAULTS = {
     "data": {"templates": '["rating", "summary"]', "max_seq_len": 128, "max_completion_tokens": 64},
+    # fp32 unless a test asks: "auto" would depend on the CPU the suite runs on
     "train": {"max_steps": 6, "global_batch_size": 8, "micro_batch_size": 2, "lr": 1e-3, "warmup_steps": 2,
-              "device": "cpu"},
+              "device": "cpu", "precision": "fp32"},
     "eval": {"base": "false", "final": "false"},
     "checkpoint": {"export_final": "false"},
     "log": {"progress": "false"},

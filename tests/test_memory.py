@@ -65,7 +65,7 @@ def _step(model, opt, ids, labels, precision, mem=None):
 
 def _estimate(cfg, precision, ac, loss, **kw):
     return estimate_peak_bytes(cfg, micro_batch_size=B, seq_len=T, precision=precision, activation_checkpointing=ac,
-                               loss=loss, labelled_fraction=(T - PROMPT) / T, **kw)
+                               loss=loss, labelled_fraction=(T - PROMPT) / T, device_type="cpu", **kw)
 
 
 def _measured_peak(model, opt, ids, labels, precision):
