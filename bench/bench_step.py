@@ -132,12 +132,13 @@ ROWS = [
     Row("compile", "torch.compile of each block", compile=True),
     Row("best-compile", "bf16-mixed + triton loss + compiled blocks", precision="bf16-mixed", fsdp=True,
         loss="triton", compile=True),
+    Row("default-compile", "the defaults + torch.compile of each block", precision="auto", loss="auto", compile=True),
     Row("hf-compile", "hf under torch.compile", impl="hf", compile=True),
     Row("hf-compile-bf16", "hf under torch.compile, pure bf16", impl="hf", compile=True, precision="bf16"),
 ]
 SMOKE_ROWS = ["baseline", "ac-selective", "loss-chunked", "bf16", "default", "hf"]
 # --device cpu: ftcore's default against the peer at its default precision and at the same one
-CPU_ROWS = ["hf-fp32", "hf", "fp32", "fp32-chunked", "loss-chunked", "default"]
+CPU_ROWS = ["hf-fp32", "hf", "fp32", "fp32-chunked", "loss-chunked", "default", "default-compile"]
 
 
 def why_unavailable(row: Row, device: str) -> str | None:
