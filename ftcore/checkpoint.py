@@ -185,16 +185,26 @@ def _prune(ckpt_root: Path, keep: int) -> None:
         _remove(p)
 
 
-def export_hf(model, path: Path, proc: Dist, tokenizer=None) -> None:
-    """Gather the full weights on rank 0 and write an HF directory (tokenizer included)."""
-    from ftcore.weights import save_pretrained
+def export_hf(model, path: Path, proc: Dist, tokenizer=None, max_shard_bytes: int | None = None) -> None:
+    """Write an HF directory (tokenizer included) from a model that may be sharded: one tensor at a
+    time is gathered (every rank takes part) and rank 0 writes each safetensors file once its
+    tensors are in, so rank 0 holds at most one file's worth beyond its own shards."""
+    from torch.distributed.tensor import DTensor
 
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    from ftcore.weights import DEFAULT_MAX_SHARD_BYTES, save_pretrained
+    state = model.state_dict()  # under FSDP2: DTensors, this rank's shards; nothing is gathered yet
+
+    def fetch(name):
+        t = state[name]
+        t = t.full_tensor() if isinstance(t, DTensor) else t
+        return t if proc.is_main else None
+
+    tmp = path.with_name(path.name + ".tmp")
+    if proc.is_main and tmp.exists():
+        shutil.rmtree(tmp)
+    save_pretrained(model, tmp, tokenizer=tokenizer, state_dict=state, fetch=fetch, write=proc.is_main,
+                    max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
     if proc.is_main:
-        tmp = path.with_name(path.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        save_pretrained(model, tmp, tokenizer=tokenizer, state_dict=full)
         if path.exists():
             _remove(path)
         os.replace(tmp, path)

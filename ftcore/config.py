@@ -127,6 +127,7 @@ class CheckpointConfig:
     every: int = 0                 # 0 = no periodic checkpoints
     keep: int = 2
     export_final: bool = True
+    max_shard_mb: int = 5120       # safetensors files of final/ and `ftcore export` at most this big
 
 
 @dataclass
@@ -274,6 +275,7 @@ _RANGES = [
     ("eval.samples", lambda v: v >= 0, ">= 0"),
     ("checkpoint.every", lambda v: v >= 0, ">= 0 (0 = no periodic checkpoints)"),
     ("checkpoint.keep", lambda v: v >= 0, ">= 0 (0 = keep all)"),
+    ("checkpoint.max_shard_mb", lambda v: v >= 1, ">= 1"),
     ("log.every", lambda v: v >= 1, ">= 1"),
 ] + [(f"pretrain.{k}", lambda v: v > 0, "> 0") for k in
      ("steps", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",

@@ -461,6 +461,25 @@ def _fmt(b: float) -> str:
     return f"{b / GiB:8.2f} GiB" if abs(b) >= GiB else f"{b / MiB:8.1f} MiB"
 
 
+def estimate_load_bytes(model_cfg, *, world_size: int, fsdp: bool, param_bytes: int, file_bytes: int,
+                        max_shard_bytes: int) -> dict[str, int]:
+    """Per-rank peak of loading the weights and rank 0's peak of the final export.
+
+    Loading under FSDP (weights.load_into_shards): this rank's shards, plus the rows it owns of one
+    tensor read in the file's dtype before conversion. Without FSDP (load_pretrained): the whole
+    model, plus one tensor in the file's dtype (and the file's pages while it is mapped, which the
+    OS may count as resident). Export (checkpoint.export_hf): rank 0's own shards, the tensors of
+    one safetensors file, and one gathered tensor; every other rank its shards and that tensor."""
+    s = Shape.of(model_cfg, 1, 1)
+    W = world_size if fsdp else 1
+    largest = max(s.V * s.H, s.I * s.H, s.qd * s.H)
+    own = math.ceil(s.total_params / W) * param_bytes
+    load = own + math.ceil(largest / W) * file_bytes
+    model_file = s.total_params * param_bytes
+    export = own + min(max(max_shard_bytes, largest * param_bytes), model_file) + largest * param_bytes
+    return {"load": load, "export": export, "own": own}
+
+
 def model_config_for(cfg):
     """The model shape a run config trains: model.path's config.json, else the [pretrain] shape
     (the tokenizer trained there may end up a little smaller than pretrain.vocab_size)."""
@@ -503,7 +522,26 @@ def estimate_run(cfg, model_cfg, world_size: int = 1, device: torch.device | Non
                             fused_optimizer=fused_adamw(cfg, device),
                             optimizer_state_bytes=2 if t.optimizer_state_dtype == "bfloat16" else 4,
                             optimizer_temp_bytes=opt_temp, device_type=device.type)
-    return {**e, "device": device, "loss": loss, "precision": t.precision, "fsdp": fsdp, "accum": accum}
+    param_bytes = 2 if t.precision == "bf16" else 4
+    file_bytes = _file_dtype_bytes(cfg)
+    load = estimate_load_bytes(model_cfg, world_size=world_size, fsdp=fsdp, param_bytes=param_bytes,
+                               file_bytes=file_bytes, max_shard_bytes=cfg.checkpoint.max_shard_mb * 2**20)
+    return {**e, "device": device, "loss": loss, "precision": t.precision, "fsdp": fsdp, "accum": accum,
+            "load_bytes": load["load"], "export_bytes": load["export"], "file_bytes_per_param": file_bytes}
+
+
+def _file_dtype_bytes(cfg) -> int:
+    """Bytes per parameter in the checkpoint's files: config.json's dtype (the [pretrain] base is fp32)."""
+    import json
+    from pathlib import Path
+    if not cfg.model.path:
+        return 4
+    try:
+        d = json.loads((Path(cfg.model.path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return 4
+    name = d.get("dtype") or d.get("torch_dtype") or "float32"
+    return {"bfloat16": 2, "float16": 2, "float32": 4}.get(name, 4)
 
 
 def estimate_report(cfg, world_size: int = 1) -> str:
@@ -513,6 +551,15 @@ def estimate_report(cfg, world_size: int = 1) -> str:
     e = estimate_run(cfg, mc, world_size)
     device, loss, fsdp, accum = e["device"], e["loss"], e["fsdp"], e["accum"]
     src = cfg.model.path or "[pretrain]"
+    held = "its shards, read from the files row by row" if fsdp else "the whole model"
+    load_lines = [
+        "", f"loading the weights, per rank: {_fmt(e['load_bytes']).strip()}   ({held}, plus "
+        f"{'the rows it owns of ' if fsdp else ''}one tensor in flight in the file's dtype, "
+        f"{e['file_bytes_per_param']} B/param)",
+        f"final export, rank 0: {_fmt(e['export_bytes']).strip()}   ({'its shards' if fsdp else 'the model'}, one "
+        f"safetensors file of at most checkpoint.max_shard_mb = {cfg.checkpoint.max_shard_mb:,} MiB, one "
+        f"{'gathered ' if fsdp else ''}tensor)",
+    ]
     lines = [
         f"model: {src}: {mc.model_type}, {mc.num_layers} layers, hidden {mc.hidden_size}, intermediate "
         f"{mc.intermediate_size}, heads {mc.num_heads}/{mc.num_kv_heads} kv, vocab {mc.vocab_size}, "
@@ -526,6 +573,7 @@ def estimate_report(cfg, world_size: int = 1) -> str:
     ]
     for k, v in e["breakdown"].items():
         lines.append(f"  {k:<28}{_fmt(v)}")
+    lines += load_lines
     lines += ["", f"activations saved per layer: {_fmt(e['per_layer_bytes']).strip()}"]
     for k, v in e["per_layer"].items():
         lines.append(f"  {k:<28}{_fmt(v)}")

@@ -1,6 +1,7 @@
 """Memory: measuring the peak of a training step.
 
     peak_mem_bytes / reset_peak   the training device's peak (CUDA allocator; CPU: peak RSS)
+    PeakRSSGrowth                 how far the process's peak resident memory rose over a block
     AllocationTrace               bytes allocated on the CPU and their peak, from the profiler's
                                   memory events: on a CPU, what torch.cuda.max_memory_allocated
                                   reports on a GPU. Tests and CPU bench rows use it.
@@ -38,6 +39,25 @@ def peak_mem_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return _proc_status_bytes("VmHWM")
+
+
+class PeakRSSGrowth:
+    """How far this process's peak resident set (VmHWM) rose above its resident set at entry,
+    over a block: Linux resets the peak when 5 is written to /proc/self/clear_refs. growth_bytes
+    is 0 where /proc is missing."""
+
+    def __enter__(self):
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+        self.start = _proc_status_bytes("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        self.growth_bytes = max(0, _proc_status_bytes("VmHWM") - self.start)
+        return False
 
 
 def reset_peak(device: torch.device) -> None:

@@ -23,7 +23,7 @@ from ftcore.data import Datasets, Example, StepSampler, collate, format_stats, m
 from ftcore.files import write_atomic
 from ftcore.hardware import resolve_auto
 from ftcore.hf import read_config
-from ftcore.memory import peak_mem_bytes
+from ftcore.memory import AllocationTrace, PeakRSSGrowth, peak_mem_bytes
 from ftcore.model import IGNORE_INDEX, Transformer
 from ftcore.offload import ActivationOffload
 from ftcore.optim import OptimizerInBackward, build_optimizer, validate_switches
@@ -97,12 +97,27 @@ def import_plugins(cfg: Config) -> None:
 
 
 def build_model(cfg: Config, model_dir: Path, proc: Dist) -> Transformer:
+    """The model to train. Without FSDP: loaded whole, then parallelized. Under FSDP no rank ever
+    holds the whole model: built on the meta device, parallelized (checkpointing, compile,
+    fully_shard), then each rank fills its own shards from the files."""
     import_plugins(cfg)
     check_kernels(cfg.train.kernels)  # again: plugins may have registered the names
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    model = Transformer.from_pretrained(model_dir, dtype=dtype, device=proc.device, loss=cfg.train.loss,
-                                        kernels=cfg.train.kernels)
-    return parallelize(model, cfg, proc)
+    if not use_fsdp(cfg, proc.world_size):
+        model = Transformer.from_pretrained(model_dir, dtype=dtype, device=proc.device, loss=cfg.train.loss,
+                                            kernels=cfg.train.kernels)
+        return parallelize(model, cfg, proc)
+    from ftcore.weights import load_into_shards
+    with torch.device("meta"):
+        model = Transformer(read_config(model_dir), loss=cfg.train.loss, kernels=cfg.train.kernels).to(dtype)
+    parallelize(model, cfg, proc)
+    with PeakRSSGrowth() as rss:
+        # cpu_offload: the shards live in CPU memory (FSDP copies each unit's to the GPU to gather)
+        shard_bytes = load_into_shards(model, model_dir, "cpu" if cfg.train.cpu_offload else proc.device)
+    total = model.config.num_params() * torch.finfo(dtype).bits // 8
+    print(f"rank {proc.rank}: loaded its shards of {model_dir}: {shard_bytes / 2**20:,.1f} MiB of "
+          f"{total / 2**20:,.1f} MiB; peak resident memory grew {rss.growth_bytes / 2**20:,.1f} MiB", flush=True)
+    return model
 
 
 def parallelize(model: Transformer, cfg: Config, proc: Dist) -> Transformer:
@@ -357,7 +372,13 @@ def finish(cfg: Config, proc: Dist, run: Run, model) -> dict:
     t_phase = time.perf_counter()
     final_dir = run.dir / "final"
     if cfg.checkpoint.export_final or cfg.eval.final:
-        ckpt.export_hf(model, final_dir, proc, run.tokenizer)
+        fsdp = use_fsdp(cfg, proc.world_size)
+        # under FSDP: what the gathers and the file being written hold in host memory at the peak
+        with AllocationTrace() if fsdp else contextlib.nullcontext() as mem:
+            ckpt.export_hf(model, final_dir, proc, run.tokenizer, max_shard_bytes=cfg.checkpoint.max_shard_mb * 2**20)
+        if fsdp:
+            print(f"rank {proc.rank}: exported {final_dir} tensor by tensor; peak host memory allocated "
+                  f"{mem.peak / 2**20:,.1f} MiB", flush=True)
     if cfg.eval.final and proc.is_main:
         run.results.update(evaluate_for_run(cfg, final_dir, run.tokenizer, run.datasets, proc.device, base=False))
     run.phase_done("export + final eval", t_phase)

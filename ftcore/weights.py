@@ -1,14 +1,27 @@
 """Hugging Face safetensors in and out: name mapping, sharded index, tied embeddings.
 
-Loading builds the model on the meta device and materialises each parameter straight from the
-file in its target dtype and device, so peak memory stays near one copy of the model.
+load_pretrained builds the model on the meta device and materialises each parameter straight
+from the file in its target dtype and device, so peak memory stays near one copy of the model.
+
+load_into_shards is the FSDP path, where no rank may hold the whole model: the model was built on
+the meta device and sharded (fully_shard); each rank allocates only its shards and reads from the
+files only the rows it owns (dim-0 shards are contiguous byte ranges of a safetensors file), with
+plain positioned reads rather than a memory map, so nothing of the file is counted in the rank's
+resident memory beyond one tensor's slice in flight.
+
+save_pretrained writes shard by shard: with `fetch` (a function of a parameter name that every
+rank calls in the same order, e.g. to gather a DTensor) it holds one shard file's tensors at a
+time, never the whole model.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import struct
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -90,6 +103,103 @@ def load_pretrained(cls=Transformer, path=".", dtype=None, device=None, loss: st
     return model
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors_header(file: Path) -> tuple[dict, int]:
+    """({tensor name: {"dtype", "shape", "data_offsets"}}, byte offset of the data) of a
+    safetensors file: an 8-byte little-endian header length, then the JSON header."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError(f"header of {n} bytes in a {size}-byte file")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error) as e:
+        raise WeightsError(f"{file}: not a readable safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    data_start = 8 + n
+    for name, info in header.items():
+        begin, end = info["data_offsets"]
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise WeightsError(f"{file}: tensor {name!r} has dtype {info['dtype']}, which ftcore does not read")
+        nbytes = math.prod(info["shape"]) * SAFETENSORS_DTYPES[info["dtype"]].itemsize
+        if end - begin != nbytes or data_start + end > size:
+            raise WeightsError(f"{file}: tensor {name!r} cannot be read (its bytes end past the file, "
+                               f"or do not match its shape); truncated file?")
+    return header, data_start
+
+
+def _owned_rows(param) -> tuple[int, int]:
+    """(first row, row count) of dim 0 that this rank holds of a parameter: FSDP2 shards dim 0
+    as torch.chunk does (ceil(rows / world) each, the last ranks possibly short or empty)."""
+    from torch.distributed.tensor import DTensor, Shard
+    if not isinstance(param, DTensor):
+        return 0, param.shape[0] if param.ndim else 1
+    placements = param.placements
+    if len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
+        raise WeightsError(f"sharded loading reads dim-0 shards on a 1-D mesh; got {placements}")
+    world, rank = param.device_mesh.size(), param.device_mesh.get_local_rank()
+    rows = param.shape[0]
+    chunk = math.ceil(rows / world)
+    first = min(rank * chunk, rows)
+    return first, max(0, min(rows - first, chunk))
+
+
+def load_into_shards(model: Transformer, path, device) -> int:
+    """Fill the shards of a model built on the meta device and sharded with fully_shard, from the
+    safetensors files in `path`, converting to the parameters' dtype on the way. Returns the bytes
+    this rank holds. Errors (a missing, unexpected, misshapen or unreadable tensor) are the same one line
+    on every rank, found before any collective."""
+    from torch.distributed.tensor import DTensor
+    path, device = Path(path), torch.device(device)
+    cfg = model.config
+    model.to_empty(device=device)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed.weight
+    expected = dict(model.named_parameters())  # a tied lm_head appears once, as embed
+    loaded: set[str] = set()
+    for file in _weight_files(path):
+        if not file.is_file():
+            raise WeightsError(f"{file}: listed in the index but missing")
+        header, data_start = read_safetensors_header(file)
+        with open(file, "rb") as fh:
+            for hf_name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                if IGNORED_TENSORS.match(hf_name):
+                    continue
+                name = hf_to_ours(hf_name)
+                if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                    continue
+                if name is None or name not in expected:
+                    raise WeightsError(f"{file}: unexpected tensor {hf_name!r}")
+                param = expected[name]
+                if tuple(info["shape"]) != tuple(param.shape):
+                    raise WeightsError(f"{file}: tensor {hf_name!r} has shape {list(info['shape'])}, "
+                                       f"expected {list(param.shape)}")
+                local = param.to_local() if isinstance(param, DTensor) else param
+                first, rows = _owned_rows(param)
+                if rows:
+                    file_dtype = SAFETENSORS_DTYPES[info["dtype"]]
+                    row_bytes = math.prod(info["shape"][1:]) * file_dtype.itemsize
+                    buf = torch.empty(rows * row_bytes, dtype=torch.uint8)
+                    fh.seek(data_start + info["data_offsets"][0] + first * row_bytes)
+                    if fh.readinto(buf.numpy()) != buf.numel():
+                        raise WeightsError(f"{file}: tensor {hf_name!r} cannot be read; truncated file?")
+                    with torch.no_grad():
+                        local.copy_(buf.view(file_dtype).view(local.shape))
+                    del buf
+                loaded.add(name)
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        raise WeightsError(f"{path}: missing tensor {ours_to_hf(missing[0])!r}"
+                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    model.reset_buffers(device)
+    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size() for p in expected.values())
+
+
 def _set_param(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
     mod_name, _, attr = name.rpartition(".")
     mod = model.get_submodule(mod_name)
@@ -104,45 +214,52 @@ def _readable(path: Path) -> None:
 
 
 def save_pretrained(model: Transformer, path, tokenizer=None, state_dict: dict | None = None,
-                    dtype: torch.dtype | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+                    dtype: torch.dtype | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                    fetch: Callable[[str], torch.Tensor | None] | None = None, write: bool = True) -> None:
     """Write config.json, generation_config.json and safetensors (sharded with an index above
-    max_shard_bytes) that transformers loads. `state_dict`: a full (gathered) state dict in our
-    names, for models that are sharded in memory; default: model.state_dict()."""
+    max_shard_bytes) that transformers loads. `state_dict`: {our name: tensor} (default:
+    model.state_dict()); its shapes and dtypes plan the shard files. `fetch(name)`: the full tensor
+    of a name, called for every name in file order (every rank calls it, when it gathers); only
+    one shard file's tensors are held at a time. `write=False`: fetch, write nothing (the ranks
+    that only take part in the gathers)."""
     cfg: ModelConfig = model.config
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     sd = state_dict if state_dict is not None else model.state_dict()
-    tensors = {}
-    for name, t in sd.items():
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        t = t.detach()
-        t = t.to(dtype) if dtype is not None else t
-        tensors[ours_to_hf(name)] = t.to("cpu").contiguous()
-    out_dtype = next(iter(tensors.values())).dtype
-
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    fetch = fetch or sd.__getitem__
+    hf_names = {n: ours_to_hf(n) for n in sd if not (n == "lm_head.weight" and cfg.tie_word_embeddings)}
+    out_dtype = dtype or sd[next(iter(hf_names))].dtype
+    shards: list[list[str]] = [[]]
     size = 0
-    for name in sorted(tensors):
-        nbytes = tensors[name].numel() * tensors[name].element_size()
+    for name in sorted(hf_names, key=hf_names.get):
+        nbytes = sd[name].numel() * out_dtype.itemsize
         if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][name] = tensors[name]
+        shards[-1].append(name)
         size += nbytes
 
-    if len(shards) == 1:
-        names = ["model.safetensors"]
-    else:
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    if write:
+        path.mkdir(parents=True, exist_ok=True)
     for shard, fname in zip(shards, names):
-        with atomic_path(path / fname) as tmp:
-            save_file(shard, str(tmp), metadata={"format": "pt"})
-            _readable(tmp)
+        tensors = {}
+        for name in shard:
+            t = fetch(name)
+            if write:
+                tensors[hf_names[name]] = t.detach().to(device="cpu", dtype=out_dtype).contiguous()
+            del t
+        if write:
+            with atomic_path(path / fname) as tmp:
+                save_file(tensors, str(tmp), metadata={"format": "pt"})
+                _readable(tmp)
+        del tensors
+    if not write:
+        return
     if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        total = sum(sd[n].numel() for n in hf_names) * out_dtype.itemsize
         index = {"metadata": {"total_size": total},
-                 "weight_map": {n: f for shard, f in zip(shards, names) for n in shard}}
+                 "weight_map": {hf_names[n]: f for shard, f in zip(shards, names) for n in shard}}
         write_atomic(path / "model.safetensors.index.json", json.dumps(index, indent=2))
     elif (path / "model.safetensors.index.json").exists():
         (path / "model.safetensors.index.json").unlink()

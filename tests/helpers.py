@@ -176,3 +176,20 @@ def run_overrides(setup, run_dir, *more: dict, **sections: dict) -> list[str]:
         for section, keys in layer.items():
             values.update({f"{section}.{key}": value for key, value in keys.items()})
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def run_cli(args: list[str], nproc: int = 0, timeout=240, env_extra=None):
+    """`ftcore ARGS` in a subprocess from the repository root, under torchrun with nproc processes
+    (gloo on the CPU) when nproc > 0; one OpenMP thread per process."""
+    import os
+    import random
+    import subprocess
+    import sys
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(random.randint(20000, 40000)), "-m", "ftcore.cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "ftcore.cli", *args]
+    return subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                          timeout=timeout)

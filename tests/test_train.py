@@ -17,7 +17,7 @@ import torch
 from ftcore.config import load_config
 from ftcore.model import ModelConfig, Transformer
 from ftcore.tokenizer import Tokenizer
-from helpers import make_run_setup, run_overrides
+from helpers import make_run_setup, run_cli, run_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,14 +36,7 @@ def _losses(run_dir: Path, key="loss") -> list[float]:
     return [r[key] for r in recs if key in r]
 
 
-def _run_cli(args: list[str], nproc: int = 0, timeout=240, env_extra=None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
-    if nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(random.randint(20000, 40000)), "-m", "ftcore.cli", *args]
-    else:
-        cmd = [sys.executable, "-m", "ftcore.cli", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+_run_cli = run_cli
 
 
 def _train_inproc(overrides):
