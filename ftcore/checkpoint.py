@@ -194,9 +194,14 @@ def export_hf(model, path: Path, proc: Dist, tokenizer=None, max_shard_bytes: in
     from ftcore.weights import DEFAULT_MAX_SHARD_BYTES, save_pretrained
     state = model.state_dict()  # under FSDP2: DTensors, this rank's shards; nothing is gathered yet
 
+    @torch.no_grad()
     def fetch(name):
         t = state[name]
-        t = t.full_tensor() if isinstance(t, DTensor) else t
+        if isinstance(t, DTensor):
+            # the gather may come back as an AsyncCollectiveTensor, waited for at its first use; the
+            # ranks that do not write never use it, and un-waited gathers would pile up there
+            t = t.full_tensor()
+            t = t.wait() if callable(getattr(t, "wait", None)) else t
         return t if proc.is_main else None
 
     tmp = path.with_name(path.name + ".tmp")
