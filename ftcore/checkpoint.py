@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
 from ftcore.files import write_atomic
@@ -197,11 +197,7 @@ def export_hf(model, path: Path, proc: Dist, tokenizer=None, max_shard_bytes: in
     @torch.no_grad()
     def fetch(name):
         t = state[name]
-        if isinstance(t, DTensor):
-            # the gather may come back as an AsyncCollectiveTensor, waited for at its first use; the
-            # ranks that do not write never use it, and un-waited gathers would pile up there
-            t = t.full_tensor()
-            t = t.wait() if callable(getattr(t, "wait", None)) else t
+        t = t.full_tensor() if isinstance(t, DTensor) else t  # a collective: every rank, same order
         return t if proc.is_main else None
 
     tmp = path.with_name(path.name + ".tmp")

@@ -531,17 +531,12 @@ def estimate_run(cfg, model_cfg, world_size: int = 1, device: torch.device | Non
 
 
 def _file_dtype_bytes(cfg) -> int:
-    """Bytes per parameter in the checkpoint's files: config.json's dtype (the [pretrain] base is fp32)."""
-    import json
-    from pathlib import Path
-    if not cfg.model.path:
-        return 4
+    """Bytes per parameter in the checkpoint's files (the [pretrain] base is saved in fp32)."""
+    from ftcore.weights import checkpoint_dtype
     try:
-        d = json.loads((Path(cfg.model.path) / "config.json").read_text())
+        return checkpoint_dtype(cfg.model.path).itemsize if cfg.model.path else 4
     except (OSError, ValueError):
         return 4
-    name = d.get("dtype") or d.get("torch_dtype") or "float32"
-    return {"bfloat16": 2, "float16": 2, "float32": 4}.get(name, 4)
 
 
 def estimate_report(cfg, world_size: int = 1) -> str:

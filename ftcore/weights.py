@@ -49,17 +49,39 @@ def _weight_files(path: Path) -> list[Path]:
     raise WeightsError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
-def _dtype_from_config(path: Path) -> torch.dtype:
-    d = json.loads((path / "config.json").read_text())
+def checkpoint_dtype(path: Path) -> torch.dtype:
+    """The dtype config.json says the weights are stored in (fp32 where it says nothing)."""
+    d = json.loads((Path(path) / "config.json").read_text())
     name = d.get("dtype") or d.get("torch_dtype") or "float32"
     return getattr(torch, name, torch.float32)
+
+
+def _target(file: Path, hf_name: str, shape, cfg: ModelConfig, expected: dict) -> str | None:
+    """Our name of a file's tensor, checked against the model; None for a tensor to skip."""
+    if IGNORED_TENSORS.match(hf_name):
+        return None
+    name = hf_to_ours(hf_name)
+    if name == "lm_head.weight" and cfg.tie_word_embeddings:
+        return None  # some tied checkpoints store the shared matrix twice
+    if name is None or name not in expected:
+        raise WeightsError(f"{file}: unexpected tensor {hf_name!r}")
+    if tuple(shape) != tuple(expected[name].shape):
+        raise WeightsError(f"{file}: tensor {hf_name!r} has shape {list(shape)}, expected {list(expected[name].shape)}")
+    return name
+
+
+def _check_complete(path: Path, expected: dict, loaded: set[str]) -> None:
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        raise WeightsError(f"{path}: missing tensor {ours_to_hf(missing[0])!r}"
+                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
 
 def load_pretrained(cls=Transformer, path=".", dtype=None, device=None, loss: str = "torch",
                     kernels: dict[str, str] | None = None) -> Transformer:
     path = Path(path)
     cfg = read_config(path)
-    dtype = dtype or _dtype_from_config(path)
+    dtype = dtype or checkpoint_dtype(path)
     device = torch.device(device or "cpu")
     with torch.device("meta"):
         model = cls(cfg, loss=loss, kernels=kernels)
@@ -74,18 +96,9 @@ def load_pretrained(cls=Transformer, path=".", dtype=None, device=None, loss: st
             raise WeightsError(f"{file}: not a readable safetensors file ({e})") from None
         with f:
             for hf_name in f.keys():
-                if IGNORED_TENSORS.match(hf_name):
+                name = _target(file, hf_name, f.get_slice(hf_name).get_shape(), cfg, expected)
+                if name is None:
                     continue
-                name = hf_to_ours(hf_name)
-                if name == "lm_head.weight" and cfg.tie_word_embeddings:
-                    continue  # some tied checkpoints store the shared matrix twice
-                if name is None or name not in expected:
-                    raise WeightsError(f"{file}: unexpected tensor {hf_name!r}")
-                target = expected[name]
-                shape = tuple(f.get_slice(hf_name).get_shape())
-                if shape != tuple(target.shape):
-                    raise WeightsError(f"{file}: tensor {hf_name!r} has shape {list(shape)}, "
-                                       f"expected {list(target.shape)}")
                 try:
                     t = f.get_tensor(hf_name)
                 except Exception as e:
@@ -93,10 +106,7 @@ def load_pretrained(cls=Transformer, path=".", dtype=None, device=None, loss: st
                 _set_param(model, name, t.to(device=device, dtype=dtype))
                 del t
                 loaded.add(name)
-    missing = sorted(set(expected) - loaded)
-    if missing:
-        raise WeightsError(f"{path}: missing tensor {ours_to_hf(missing[0])!r}"
-                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    _check_complete(path, expected, loaded)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
     model.reset_buffers(device)
@@ -168,17 +178,10 @@ def load_into_shards(model: Transformer, path, device) -> int:
         header, data_start = read_safetensors_header(file)
         with open(file, "rb") as fh:
             for hf_name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-                if IGNORED_TENSORS.match(hf_name):
+                name = _target(file, hf_name, info["shape"], cfg, expected)
+                if name is None:
                     continue
-                name = hf_to_ours(hf_name)
-                if name == "lm_head.weight" and cfg.tie_word_embeddings:
-                    continue
-                if name is None or name not in expected:
-                    raise WeightsError(f"{file}: unexpected tensor {hf_name!r}")
                 param = expected[name]
-                if tuple(info["shape"]) != tuple(param.shape):
-                    raise WeightsError(f"{file}: tensor {hf_name!r} has shape {list(info['shape'])}, "
-                                       f"expected {list(param.shape)}")
                 local = param.to_local() if isinstance(param, DTensor) else param
                 first, rows = _owned_rows(param)
                 if rows:
@@ -192,10 +195,7 @@ def load_into_shards(model: Transformer, path, device) -> int:
                         local.copy_(buf.view(file_dtype).view(local.shape))
                     del buf
                 loaded.add(name)
-    missing = sorted(set(expected) - loaded)
-    if missing:
-        raise WeightsError(f"{path}: missing tensor {ours_to_hf(missing[0])!r}"
-                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    _check_complete(path, expected, loaded)
     model.reset_buffers(device)
     return sum((p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size() for p in expected.values())
 
