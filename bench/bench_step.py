@@ -39,6 +39,7 @@ import subprocess
 import sys
 import time
 import traceback
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,12 +205,15 @@ def make_batch(cfg: ModelConfig, B: int, T: int, prompt_frac: float, device):
 
 
 @torch.no_grad()
-def init_on_device(model: torch.nn.Module, std: float = 0.02) -> None:
+def init_on_device(model: torch.nn.Module, std: float = 0.02, our_name=lambda name: name) -> None:
     """Random init where the weights live (fast on a GPU): normal(0, std) matrices, unit norms,
-    zero biases; the same scheme as Transformer.init_weights, without the CPU round trip."""
+    zero biases; the same scheme as Transformer.init_weights, without the CPU round trip. Each
+    tensor draws from a generator seeded by its ftcore name (`our_name` maps a peer's names), so
+    ftcore and transformers rows of one shape start from the same weights."""
     for name, p in model.named_parameters():
         if p.ndim >= 2:
-            p.normal_(0.0, std)
+            g = torch.Generator(device=p.device).manual_seed(zlib.crc32(our_name(name).encode()))
+            p.normal_(0.0, std, generator=g)
         elif "norm" in name:
             p.fill_(1.0)
         else:
@@ -261,6 +265,9 @@ def build_hf(row: Row, cfg: ModelConfig, device):
     with torch.device(device):  # initialised where it will run
         model = transformers.AutoModelForCausalLM.from_config(hcfg, dtype=dtype)
     model.to(device).train()
+    from ftcore.hf import hf_to_ours
+    with torch.no_grad():
+        init_on_device(model, our_name=lambda name: hf_to_ours(name) or name)  # the ftcore rows' weights
     if row.ac == "full":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if row.compile:
