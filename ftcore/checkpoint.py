@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
+from torch.distributed.checkpoint.state_dict import (get_state_dict,
                                                      set_state_dict)
 
 from ftcore.files import write_atomic
