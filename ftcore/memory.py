@@ -121,6 +121,9 @@ class AllocationTrace:
                 if f.device.type != "cpu":
                     continue
                 if f.alloc_size > 0:
+                    # two live blocks cannot share an address: one already here was freed where the
+                    # profiler does not look (another thread, e.g. a collective's)
+                    live -= sizes.pop(f.ptr, 0)
                     sizes[f.ptr] = f.alloc_size
                     live += f.alloc_size
                     self.peak = max(self.peak, live)
