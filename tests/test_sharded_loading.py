@@ -122,16 +122,88 @@ def test_two_rank_run_resumes(tmp_path):
 
 
 @pytest.mark.slow
-def test_missing_tensor_is_one_line_on_every_rank(tmp_path):
+@pytest.mark.parametrize("damage", ["missing", "misshapen"])
+def test_a_bad_tensor_is_one_line_on_every_rank(tmp_path, damage):
     (tmp_path / "setup").mkdir()
     setup = make_run_setup(tmp_path / "setup")
     weights = setup / "base" / "model.safetensors"
     tensors = load_file(weights)
-    gone = "model.layers.1.mlp.down_proj.weight"
-    del tensors[gone]
+    bad = "model.layers.1.mlp.down_proj.weight"
+    if damage == "missing":
+        del tensors[bad]
+    else:
+        tensors[bad] = tensors[bad][:, :-1].contiguous()
     save_file(tensors, weights)
-    p = run_cli(["train", "configs/tiny_cpu.toml", *run_overrides(setup, tmp_path / "run", train=dict(fsdp="on"))],
-                nproc=2, timeout=120)  # a rank left waiting in a collective would hit the timeout
-    assert p.returncode != 0
-    errors = [l for l in p.stderr.splitlines() if l.startswith("ftcore train: error:")]
-    assert len(errors) == 2 and all(gone in l and "missing tensor" in l for l in errors), p.stderr[-3000:]
+    # each rank its own process (no torchrun, whose agent stops the other ranks once one has failed):
+    # every rank must say it, and none may be left waiting in a collective (the timeout)
+    import os
+    import random
+    import subprocess
+    import sys
+    port = random.randint(20000, 40000)
+    args = [sys.executable, "-m", "ftcore.cli", "train", "configs/tiny_cpu.toml",
+            *run_overrides(setup, tmp_path / "run", train=dict(fsdp="on"))]
+    procs = [subprocess.Popen(args, cwd=Path(__file__).resolve().parents[1], text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                                               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                                                               OMP_NUM_THREADS="1"))
+             for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    said = "missing tensor" if damage == "missing" else "has shape"
+    for p, (_, err) in zip(procs, outs):
+        lines = err.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1, err[-3000:]
+        assert lines[0].startswith("ftcore train: error:") and bad in lines[0] and said in lines[0], lines
+
+
+# every model family and layout the loader knows, on 2 ranks with uneven shards (vocab 131 and
+# MLP 128 rows split in two; 131 is odd), from single and indexed multi-file checkpoints, fp32 and bf16 files
+FAMILIES = {
+    "llama": {}, "llama-tied": {"tie_word_embeddings": True},
+    "llama-biases": {"qkv_bias": True, "o_bias": True, "mlp_bias": True}, "llama-head_dim": {"head_dim": 24},
+    "mistral": {"model_type": "mistral"}, "qwen2": {"model_type": "qwen2", "qkv_bias": True},
+    "qwen2-tied": {"model_type": "qwen2", "qkv_bias": True, "tie_word_embeddings": True},
+}
+
+
+def _shard_and_compare(rank: int, root: str, port: int) -> None:
+    import os
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    from ftcore.hf import read_config
+    from ftcore.parallel import apply_fsdp, init_distributed, shutdown
+    from ftcore.weights import load_into_shards
+    proc = init_distributed("cpu", need_group=True)
+    results = {}
+    for case_dir in sorted(Path(root).iterdir()):
+        with torch.device("meta"):
+            model = Transformer(read_config(case_dir))
+        apply_fsdp(model, proc, "fp32")
+        load_into_shards(model, case_dir, "cpu")
+        ids = torch.randint(0, model.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            got = model(ids)  # FSDP gathers each unit's shards
+            want = Transformer.from_pretrained(case_dir, dtype=torch.float32)(ids)
+        results[case_dir.name] = rel_err(got, want)
+    if rank == 0:
+        (Path(root).parent / "results.json").write_text(json.dumps(results))
+    shutdown()
+
+
+@pytest.mark.slow
+def test_every_family_loads_into_uneven_shards(tmp_path):
+    import random
+
+    import torch.multiprocessing as mp
+    from helpers import tiny_model
+    root = tmp_path / "ckpts"
+    for i, (name, kw) in enumerate(FAMILIES.items()):
+        model = tiny_model(seed=i, **kw)
+        save_pretrained(model, root / f"{name}-single")
+        save_pretrained(model, root / f"{name}-indexed", max_shard_bytes=20_000)
+        save_pretrained(model, root / f"{name}-bf16", dtype=torch.bfloat16)
+    mp.spawn(_shard_and_compare, args=(str(root), random.randint(20000, 40000)), nprocs=2)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results) == 3 * len(FAMILIES)
+    bad = {k: v for k, v in results.items() if v > 1e-6}
+    assert not bad, bad
