@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import (get_state_dict,
                                                      set_state_dict)
 
 from ftcore.files import write_atomic
-from ftcore.parallel import Dist, barrier
+from ftcore.parallel import Dist, any_rank, barrier
 
 _STEP_DIR = re.compile(r"step_(\d{8})")
 MANIFEST = "manifest.json"
@@ -34,6 +34,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or read: the message names the file."""
 # crash tests widen the window in which a checkpoint is half-written, to kill a run inside it
 _TEST_SAVE_DELAY_S = float(os.environ.get("FTCORE_TEST_SAVE_DELAY_S", "0"))
+# tests: the rank whose part of a save fails (a full disk on one node)
+_TEST_FAIL_SAVE_RANK = int(os.environ.get("FTCORE_TEST_FAIL_SAVE_RANK", "-1"))
 
 
 def _rng_state() -> dict:
@@ -119,27 +121,43 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, trainer_state:
             shutil.rmtree(tmp)  # left by a run killed mid-save
         tmp.mkdir(parents=True)
     barrier(proc)
-    try:
+
+    def agreed(step_of_save):
+        """Runs this rank's part of the save; then every rank learns whether any rank's part failed
+        (a rank that only raised would leave the others waiting at the next barrier)."""
+        error = None
+        try:
+            step_of_save()
+        except (OSError, RuntimeError) as e:  # a full disk: torch.save says "unexpected pos ..."
+            error = e
+        if any_rank(error is not None, proc):
+            if proc.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            free = shutil.disk_usage(ckpt_root).free
+            why = _first_line(error) if error is not None else "it failed on another rank"
+            raise CheckpointError(f"saving checkpoint {final.name} in {ckpt_root} failed ({why}; "
+                                  f"{free / 2**20:.0f} MiB free); the earlier checkpoints are intact")
+
+    def every_rank():
         model_sd, optim_sd = get_state_dict(model, optimizer)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        if proc.rank == _TEST_FAIL_SAVE_RANK:
+            raise OSError(28, "No space left on device (test)")
         torch.save(_rng_state(), tmp / f"rng_rank{proc.rank}.pt")
         if _TEST_SAVE_DELAY_S:
             time.sleep(_TEST_SAVE_DELAY_S)
-        barrier(proc)
+
+    def main_rank():
         if proc.is_main:
             torch.save(trainer_state, tmp / "trainer_state.pt")
             write_manifest(tmp)
-    except (OSError, RuntimeError) as e:  # a full disk: torch.save says "unexpected pos ..."
-        shutil.rmtree(tmp, ignore_errors=True)
-        free = shutil.disk_usage(ckpt_root).free
-        raise CheckpointError(f"saving checkpoint {final.name} in {ckpt_root} failed ({_first_line(e)}; "
-                              f"{free / 2**20:.0f} MiB free); the earlier checkpoints are intact") from None
-    if proc.is_main:
-        if final.exists():  # a checkpoint of this step from a run that was resumed before it
-            _remove(final)
-        os.replace(tmp, final)
-        _prune(ckpt_root, keep)
-    barrier(proc)
+            if final.exists():  # a checkpoint of this step from a run that was resumed before it
+                _remove(final)
+            os.replace(tmp, final)
+            _prune(ckpt_root, keep)
+
+    agreed(every_rank)
+    agreed(main_rank)
     return final
 
 

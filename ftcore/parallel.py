@@ -59,6 +59,15 @@ def barrier(proc: Dist) -> None:
         dist.barrier()
 
 
+def any_rank(flag: bool, proc: Dist) -> bool:
+    """Whether `flag` holds on any rank; every rank must call it (it is a collective, and a barrier)."""
+    if not (dist.is_initialized() and proc.world_size > 1):
+        return flag
+    t = torch.tensor([int(flag)], device=proc.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)

@@ -193,3 +193,22 @@ def run_cli(args: list[str], nproc: int = 0, timeout=240, env_extra=None):
         cmd = [sys.executable, "-m", "ftcore.cli", *args]
     return subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def run_ranks(args: list[str], nranks: int = 2, timeout=120, env_extra=None) -> list[tuple[int, str, str]]:
+    """`ftcore ARGS` as nranks processes that find each other through RANK / WORLD_SIZE / MASTER_*
+    (no torchrun: its agent stops the other ranks once one fails, and here each rank's own ending
+    is the point). [(returncode, stdout, stderr)] per rank; a rank that hangs hits the timeout."""
+    import os
+    import random
+    import subprocess
+    import sys
+    port = random.randint(20000, 40000)
+    procs = [subprocess.Popen([sys.executable, "-m", "ftcore.cli", *args], cwd=Path(__file__).resolve().parents[1],
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nranks),
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                                       **(env_extra or {})))
+             for r in range(nranks)]
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]

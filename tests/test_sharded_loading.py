@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from ftcore.model import ModelConfig, Transformer
 from ftcore.tokenizer import Tokenizer
 from ftcore.weights import save_pretrained
-from helpers import make_run_setup, needs_transformers, rel_err, run_cli, run_overrides
+from helpers import make_run_setup, needs_transformers, rel_err, run_cli, run_overrides, run_ranks
 
 MiB = 2 ** 20
 SHARD_MB = 300  # the synthetic checkpoint and the exports come in several files, with an index
@@ -134,25 +134,12 @@ def test_a_bad_tensor_is_one_line_on_every_rank(tmp_path, damage):
     else:
         tensors[bad] = tensors[bad][:, :-1].contiguous()
     save_file(tensors, weights)
-    # each rank its own process (no torchrun, whose agent stops the other ranks once one has failed):
     # every rank must say it, and none may be left waiting in a collective (the timeout)
-    import os
-    import random
-    import subprocess
-    import sys
-    port = random.randint(20000, 40000)
-    args = [sys.executable, "-m", "ftcore.cli", "train", "configs/tiny_cpu.toml",
-            *run_overrides(setup, tmp_path / "run", train=dict(fsdp="on"))]
-    procs = [subprocess.Popen(args, cwd=Path(__file__).resolve().parents[1], text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
-                                                               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                                                               OMP_NUM_THREADS="1"))
-             for r in range(2)]
-    outs = [p.communicate(timeout=120) for p in procs]
     said = "missing tensor" if damage == "missing" else "has shape"
-    for p, (_, err) in zip(procs, outs):
+    for code, _, err in run_ranks(["train", "configs/tiny_cpu.toml",
+                                   *run_overrides(setup, tmp_path / "run", train=dict(fsdp="on"))]):
         lines = err.strip().splitlines()
-        assert p.returncode == 2 and len(lines) == 1, err[-3000:]
+        assert code == 2 and len(lines) == 1, err[-3000:]
         assert lines[0].startswith("ftcore train: error:") and bad in lines[0] and said in lines[0], lines
 
 

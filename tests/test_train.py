@@ -17,7 +17,7 @@ import torch
 from ftcore.config import load_config
 from ftcore.model import ModelConfig, Transformer
 from ftcore.tokenizer import Tokenizer
-from helpers import make_run_setup, run_cli, run_overrides
+from helpers import make_run_setup, run_cli, run_overrides, run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,6 +157,20 @@ def test_two_nodes_match_one(tiny_setup, tmp_path):
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     for a, b in zip(_losses(tmp_path / "one"), _losses(tmp_path / "nodes")):
         assert abs(a - b) / abs(a) <= 1e-5
+
+
+@pytest.mark.slow
+def test_a_save_that_fails_on_one_rank_stops_every_rank(tiny_setup, tmp_path):
+    """Rank 1's part of a checkpoint fails (its disk is full): both ranks stop with the one line,
+    none waits at a barrier, and no half-written checkpoint is left."""
+    args = ["train", "configs/tiny_cpu.toml", *_overrides(tiny_setup, tmp_path / "run", train=dict(max_steps=4, fsdp="on"),
+                                                          checkpoint=dict(every=2))]
+    ranks = run_ranks(args, env_extra={"FTCORE_TEST_FAIL_SAVE_RANK": "1"})
+    for code, _, err in ranks:
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and "saving checkpoint step_00000002" in lines[0], err[-3000:]
+    assert "No space left on device" in ranks[1][2] and "failed on another rank" in ranks[0][2]
+    assert not list((tmp_path / "run" / "checkpoints").glob("*"))
 
 
 def _kill_when(p: subprocess.Popen, cond, timeout=120.0) -> bool:
