@@ -24,24 +24,18 @@ import torch
 BF16_MIN_HIDDEN_SIZE = 64
 
 
+FEATURES = (("AMX-BF16", "amx_bf16", "_is_amx_tile_supported"), ("AVX512-BF16", "avx512_bf16", "_is_avx512_bf16_supported"))
+
+
 @functools.cache
 def cpu_bf16_features() -> tuple[str, ...]:
-    """The native bf16 matmul features this CPU reports ("AMX-BF16", "AVX512-BF16"), from torch's
-    cpuinfo where it has the probes, else from /proc/cpuinfo."""
-    found = []
-    probes = (("AMX-BF16", "_is_amx_tile_supported", "amx_bf16"), ("AVX512-BF16", "_is_avx512_bf16_supported", "avx512_bf16"))
-    flags = None
-    for name, probe, flag in probes:
-        fn = getattr(torch.cpu, probe, None)
-        if fn is not None:
-            has = bool(fn())
-        else:
-            if flags is None:
-                flags = _proc_cpuinfo_flags()
-            has = flag in flags
-        if has:
-            found.append(name)
-    return tuple(found)
+    """The native bf16 matmul features this CPU reports ("AMX-BF16", "AVX512-BF16"): from the
+    kernel's /proc/cpuinfo flags (their exact names), else from torch's cpuinfo probes (for AMX
+    the tile unit, which every AMX CPU so far pairs with AMX-BF16)."""
+    flags = _proc_cpuinfo_flags()
+    if flags:
+        return tuple(name for name, flag, _ in FEATURES if flag in flags)
+    return tuple(name for name, _, probe in FEATURES if getattr(torch.cpu, probe, lambda: False)())
 
 
 def _proc_cpuinfo_flags() -> set[str]:

@@ -42,11 +42,11 @@ def test_forced_detection_both_ways(monkeypatch):
 @pytest.mark.parametrize("flags, expected", [({"avx512f", "amx_bf16", "amx_tile"}, ("AMX-BF16",)),
                                              ({"avx512f", "avx512_bf16"}, ("AVX512-BF16",)),
                                              ({"avx2", "fma"}, ())])
-def test_detection_from_cpu_flags_without_torch_probes(monkeypatch, flags, expected):
-    """Where torch lacks the cpuinfo probes, /proc/cpuinfo's flags decide."""
+def test_detection_from_cpu_flags(monkeypatch, flags, expected):
+    """/proc/cpuinfo's flags decide where the kernel gives them, whatever torch's probes say."""
     monkeypatch.delenv("FTCORE_CPU_BF16", raising=False)
-    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
-    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
     monkeypatch.setattr(hardware, "_proc_cpuinfo_flags", lambda: flags)
     hardware.cpu_bf16_features.cache_clear()
     try:
@@ -56,6 +56,21 @@ def test_detection_from_cpu_flags_without_torch_probes(monkeypatch, flags, expec
         assert hardware.auto_precision(CPU, 512)[0] == ("bf16-autocast" if expected else "fp32")
         if not expected:
             assert why == "CPU has no AMX-BF16 or AVX512-BF16"
+    finally:
+        hardware.cpu_bf16_features.cache_clear()
+
+
+@pytest.mark.parametrize("amx, avx512", [(True, False), (False, True), (False, False)])
+def test_detection_from_torch_probes_without_proc_cpuinfo(monkeypatch, amx, avx512):
+    monkeypatch.delenv("FTCORE_CPU_BF16", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512, raising=False)
+    monkeypatch.setattr(hardware, "_proc_cpuinfo_flags", lambda: set())
+    hardware.cpu_bf16_features.cache_clear()
+    try:
+        want = tuple(n for n, has in (("AMX-BF16", amx), ("AVX512-BF16", avx512)) if has)
+        assert hardware.cpu_bf16_features() == want
+        assert hardware.auto_precision(CPU, 512)[0] == ("bf16-autocast" if want else "fp32")
     finally:
         hardware.cpu_bf16_features.cache_clear()
 
