@@ -2,11 +2,20 @@
 norm-relative error. `transformers` is imported lazily (it is a slow, test-only reference)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import pytest
 import torch
 
 from ftcore.model import ModelConfig, Transformer
+
+# GPU tests (`FTCORE_TEST_CUDA=1 pytest -m gpu`): they need triton compiled for the GPU, and
+# conftest sets TRITON_INTERPRET=1 unless FTCORE_TEST_CUDA is set
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+    reason="needs CUDA, with FTCORE_TEST_CUDA=1 so that triton is not interpreted")
 
 
 def needs_transformers():

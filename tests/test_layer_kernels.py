@@ -7,7 +7,6 @@ fp32 <= 1e-5, bf16 <= 1e-2 norm-relative. `-m gpu` (with FTCORE_TEST_CUDA=1): th
 sizes of workload B (hidden 2048, 4 x 2048 tokens, 32 query / 8 key-value heads of 64, MLP 8192),
 judged against plain torch's own error in the same dtype.
 """
-import os
 import subprocess
 import sys
 from functools import partial
@@ -22,13 +21,9 @@ from ftcore.kernels.testing import (check_kernel, reference_rms_norm, reference_
                                     reference_swiglu, rel_err)
 from ftcore.model import Transformer, apply_rope_qk, rms_norm, swiglu
 
-from helpers import compile_for_gpu_or_skip, tiny_config, tiny_model
+from helpers import compile_for_gpu_or_skip, gpu, needs_cuda, tiny_config, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(
-    not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
-    reason="needs CUDA, with FTCORE_TEST_CUDA=1 so that triton is not interpreted")
 ALL_TRITON = {"rmsnorm": "triton", "rope": "triton", "swiglu": "triton"}
 DTYPES = (torch.float32, torch.bfloat16)
 

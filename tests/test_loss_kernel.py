@@ -16,19 +16,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ftcore import kernels
-from helpers import compile_for_gpu_or_skip
+from helpers import compile_for_gpu_or_skip, gpu, needs_cuda
 from ftcore.kernels import get_loss, linear_cross_entropy
 from ftcore.kernels.linear_cross_entropy import STATS, chunk_rows_for
 from ftcore.kernels.testing import (KernelCheckError, check_loss_kernel, make_loss_inputs,
                                     reference_linear_cross_entropy, rel_err)
 
 ROOT = Path(__file__).resolve().parents[1]
-gpu = pytest.mark.gpu
-# GPU tests need triton compiled for the GPU: conftest sets TRITON_INTERPRET=1 unless
-# FTCORE_TEST_CUDA is set, so run them as `FTCORE_TEST_CUDA=1 pytest -m gpu`
-needs_cuda = pytest.mark.skipif(
-    not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
-    reason="needs CUDA, with FTCORE_TEST_CUDA=1 so that triton is not interpreted")
 
 # chunks of 16 rows and vocab tiles of 64: every shape in SMALL_SHAPES spans several of both
 SMALL = dict(chunk_rows=16, block_v=64)
