@@ -6,9 +6,10 @@ setup(
     description="Instruction fine-tuning in raw PyTorch: FSDP2, activation checkpointing, bf16, fused Triton loss",
     python_requires=">=3.11",  # tomllib
     packages=["ftcore", "ftcore.kernels"],
-    # kernels/ lives at the top level of the repo but installs as ftcore.kernels: a top-level
-    # `kernels` module would clash with the PyPI package of that name that transformers imports.
+    # kernels/ (no __init__.py, so `import kernels` never finds it) installs as ftcore.kernels,
+    # whose __init__.py lives at ftcore/kernels/: one package, two source folders (docs/design.md).
     package_dir={"ftcore": "ftcore", "ftcore.kernels": "kernels"},
+    package_data={"ftcore": ["kernels/__init__.py"]},
     install_requires=["torch", "tokenizers", "safetensors", "numpy", "tqdm"],
     extras_require={
         "triton": ["triton"],

@@ -1,7 +1,8 @@
 """Where bf16 autocast starts to pay on this CPU: one ftcore training step (forward, backward,
 clipping, AdamW) in fp32 and in bf16 autocast, over model widths, at the quickstart's shape
-(vocab 2048, 4 layers, MLP 3x hidden, 16 x 256 tokens). The rule in ftcore/hardware.py
-(BF16_MIN_HIDDEN_SIZE) comes from this table (bench/notes.md, "bf16 crossover").
+(vocab 2048, 4 layers, MLP 3x hidden, 16 x 256 tokens), beside what `train.precision = auto`'s
+probe (ftcore/hardware.py) measures for the same width: the bound there (BF16_MAX_TIME_RATIO, a
+probe ratio under which a whole step gains) comes from this table.
 
     python bench/bench_precision.py                       # labelled rows as in fine-tuning (25%)
     python bench/bench_precision.py --labelled 1.0        # every token labelled (pretraining)
@@ -22,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from ftcore.config import Config  # noqa: E402
-from ftcore.hardware import cpu_bf16_features  # noqa: E402
+from ftcore.hardware import BF16_MAX_TIME_RATIO, MatmulShape, cpu_bf16_features, probe_rows, time_bf16_vs_fp32  # noqa: E402
 from ftcore.model import IGNORE_INDEX, ModelConfig, Transformer  # noqa: E402
 from ftcore.optim import build_optimizer  # noqa: E402
 from ftcore.train import autocast_context, train_step  # noqa: E402
@@ -67,7 +68,8 @@ def main() -> int:
     print(f"CPU: {', '.join(cpu_bf16_features()) or 'no native bf16'}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; {args.batch} x {args.seq_len} tokens, {args.labelled:.0%} labelled, "
           f"loss {args.loss}; command: python bench/bench_precision.py {' '.join(sys.argv[1:])}\n")
-    print("| hidden | params | fp32 ms | bf16 autocast ms | bf16 / fp32 |\n|---|---|---|---|---|")
+    print("| hidden | params | fp32 ms | bf16 autocast ms | step bf16 / fp32 | probe bf16 / fp32 | auto picks |\n"
+          "|---|---|---|---|---|---|---|")
     for hidden in [int(h) for h in args.hidden.split(",")]:
         (fp32, n_params), (bf16, _) = stepper(hidden, "fp32", args), stepper(hidden, "bf16-autocast", args)
         for _ in range(2):  # warm-up: optimizer states, oneDNN's kernel choices
@@ -77,7 +79,11 @@ def main() -> int:
             t32.append(fp32())
             t16.append(bf16())
         a, b = statistics.median(t32) * 1e3, statistics.median(t16) * 1e3
-        print(f"| {hidden} | {n_params / 1e6:.1f} M | {a:.0f} | {b:.0f} | {b / a:.2f} |", flush=True)
+        shape = MatmulShape(hidden, 3 * hidden, args.batch * args.seq_len)
+        p32, p16 = time_bf16_vs_fp32(shape.hidden_size, shape.intermediate_size, probe_rows(shape))
+        pick = "bf16-autocast" if p16 / p32 <= BF16_MAX_TIME_RATIO else "fp32"
+        print(f"| {hidden} | {n_params / 1e6:.1f} M | {a:.0f} | {b:.0f} | {b / a:.2f} | {p16 / p32:.2f} | {pick} |",
+              flush=True)
     return 0
 
 

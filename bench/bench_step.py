@@ -220,26 +220,25 @@ def init_on_device(model: torch.nn.Module, std: float = 0.02, our_name=lambda na
             p.zero_()
 
 
-def run_config(row: Row, cfg: ModelConfig, device) -> Config:
+def run_config(row: Row, cfg: ModelConfig, device, rows: int) -> Config:
     """The `ftcore train` config of a row, "auto" resolved for this device and shape as `ftcore
     train` resolves it: the benchmark builds, steps and optimizes the model with ftcore.train's own
     functions from it, so a row measures what a run with these keys runs."""
-    from ftcore.hardware import resolve_auto
+    from ftcore.hardware import MatmulShape, resolve_auto
     run_cfg = Config()
     t = run_cfg.train
     t.precision, t.activation_checkpointing, t.loss, t.compile = row.precision, row.ac, row.loss, row.compile
     t.fsdp = "on" if row.fsdp else "off"
     t.kernels = {k: row.kernels for k in ("rmsnorm", "rope", "swiglu")} if row.kernels else {}
     t.lr, t.beta1, t.beta2, t.weight_decay, t.grad_clip = 1e-5, 0.9, 0.95, 0.0, 1.0
-    resolve_auto(t, torch.device(device), cfg.hidden_size)
+    resolve_auto(t, torch.device(device), MatmulShape.of(cfg, rows))  # rows: tokens of a micro-batch
     return run_cfg
 
 
-def build_ftcore(row: Row, cfg: ModelConfig, device):
+def build_ftcore(row: Row, cfg: ModelConfig, device, run_cfg: Config):
     from ftcore.model import Transformer
     from ftcore.parallel import init_distributed
     from ftcore.train import parallelize
-    run_cfg = run_config(row, cfg, device)
     with torch.device("meta"):
         model = Transformer(cfg, loss=run_cfg.train.loss, kernels=run_cfg.train.kernels)
     if run_cfg.train.precision == "bf16":
@@ -308,8 +307,8 @@ def run_child(spec: dict) -> dict:
     torch.manual_seed(0)
     from ftcore.optim import build_optimizer
     from ftcore.train import autocast_context, train_step
-    run_cfg = run_config(row, cfg, device)
-    model = build_hf(row, cfg, device) if row.impl == "hf" else build_ftcore(row, cfg, device)
+    run_cfg = run_config(row, cfg, device, rows=spec["micro_batch"] * spec["seq_len"])
+    model = build_hf(row, cfg, device) if row.impl == "hf" else build_ftcore(row, cfg, device, run_cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     if row.impl == "hf":  # the peer as its users run it: torch's AdamW, fused where it can be
         opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=device.type == "cuda")
@@ -493,7 +492,7 @@ def estimate_row(row: Row, cfg: ModelConfig, B: int, T: int, labelled_fraction: 
     if row.impl != "ftcore":
         return None
     from ftcore.estimate import estimate_run
-    run_cfg = run_config(row, cfg, device)
+    run_cfg = run_config(row, cfg, device, rows=B * T)
     run_cfg.train.micro_batch_size = run_cfg.train.global_batch_size = B
     run_cfg.data.max_seq_len = T
     e = estimate_run(run_cfg, cfg, device=torch.device(device), labelled_fraction=labelled_fraction)
@@ -682,7 +681,9 @@ def main(argv=None) -> int:
     # compiled rows reuse their kernels on a rerun
     env.setdefault("TORCHINDUCTOR_CACHE_DIR", str((out / "cache" / "inductor").resolve()))
     env.setdefault("TRITON_CACHE_DIR", str((out / "cache" / "triton").resolve()))
-    common = {"cfg": dataclasses.asdict(cfg), "device": device, "prompt_frac": args.prompt_frac, "out": str(out.resolve())}
+    # micro_batch x seq_len: the workload's shape (a sweep child resolves "auto" for it too)
+    common = {"cfg": dataclasses.asdict(cfg), "device": device, "prompt_frac": args.prompt_frac, "out": str(out.resolve()),
+              "micro_batch": B, "seq_len": T}
 
     t_start = time.perf_counter()
     for i, row in enumerate(selected):
@@ -694,7 +695,7 @@ def main(argv=None) -> int:
         elif elapsed > args.budget_s:
             rec.update(status="skipped", error=f"budget ({args.budget_s:.0f} s) spent")
         else:
-            spec = {**common, "row": dataclasses.asdict(row), "micro_batch": B, "seq_len": T, "steps": args.steps,
+            spec = {**common, "row": dataclasses.asdict(row), "steps": args.steps,
                     "warmup": args.warmup, "memory_snapshot": args.memory_snapshot, "profile": args.profile}
             timeout = min(args.row_timeout_s, max(30.0, args.budget_s - elapsed + 30.0))
             t0 = time.perf_counter()

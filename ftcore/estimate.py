@@ -499,12 +499,12 @@ def estimate_run(cfg, model_cfg, world_size: int = 1, device: torch.device | Non
     optimizer with the run's own functions (not copies of them). device: default train.device,
     with auto meaning the GPU the estimate is for."""
     from ftcore.config import accumulation_steps
-    from ftcore.hardware import resolve_auto
+    from ftcore.hardware import MatmulShape, resolve_auto
     from ftcore.optim import CHUNK, fused_adamw, uses_torch_adamw
     from ftcore.train import use_fsdp
     device = device or torch.device("cpu" if cfg.train.device == "cpu" else "cuda")
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train))  # "auto" resolved on a copy
-    resolve_auto(cfg.train, device, model_cfg.hidden_size)
+    resolve_auto(cfg.train, device, MatmulShape.of(model_cfg, cfg.train.micro_batch_size * cfg.data.max_seq_len))
     t = cfg.train
     loss, fsdp, accum = t.loss, use_fsdp(cfg, world_size), accumulation_steps(cfg, world_size)
     opt_temp = None

@@ -68,6 +68,15 @@ def any_rank(flag: bool, proc: Dist) -> bool:
     return bool(t.item())
 
 
+def broadcast_from_main(obj, proc: Dist):
+    """Rank 0's `obj` (picklable) on every rank; every rank must call it."""
+    if not (dist.is_initialized() and proc.world_size > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from ftcore.config import Config
-from ftcore.hardware import resolve_auto
+from ftcore.hardware import MatmulShape, resolve_auto
 from ftcore.model import ModelConfig, Transformer
 from ftcore.optim import fused_adamw, pretrain_lr_lambda
 from ftcore.tokenizer import Tokenizer
@@ -54,7 +54,7 @@ def pretrain_base(cfg: Config, out_dir: Path, device: torch.device) -> Path:
                        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
                        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     choice = dataclasses.replace(cfg.train)
-    for line in resolve_auto(choice, device, p.hidden_size):
+    for line in resolve_auto(choice, device, MatmulShape.of(p, p.batch_size * p.seq_len)):
         print("pretraining: " + line, flush=True)
     bf16 = choice.precision != "fp32"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()

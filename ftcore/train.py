@@ -21,13 +21,13 @@ from ftcore import checkpoint as ckpt
 from ftcore.config import Config, ConfigError, accumulation_steps, check_kernels, to_toml
 from ftcore.data import Datasets, Example, StepSampler, collate, format_stats, micro_batches, prepare_datasets
 from ftcore.files import write_atomic
-from ftcore.hardware import resolve_auto
+from ftcore.hardware import MatmulShape, resolve_auto
 from ftcore.hf import read_config
 from ftcore.memory import AllocationTrace, PeakRSSGrowth, peak_mem_bytes
 from ftcore.model import IGNORE_INDEX, Transformer
 from ftcore.offload import ActivationOffload
 from ftcore.optim import OptimizerInBackward, build_optimizer, validate_switches
-from ftcore.parallel import (Dist, all_reduce_sum, apply_activation_checkpointing, apply_compile, apply_fsdp,
+from ftcore.parallel import (Dist, all_reduce_sum, broadcast_from_main, apply_activation_checkpointing, apply_compile, apply_fsdp,
                              barrier, grad_scale_for_reduction, init_distributed)
 from ftcore.rundir import MetricsLog, RunLock, check_fresh_start, check_resume_config
 from ftcore.tokenizer import Tokenizer
@@ -242,9 +242,14 @@ def set_up(cfg: Config, proc: Dist) -> Run:
     tokenizer = Tokenizer.from_dir(base_dir)
     datasets = prepare_datasets(cfg, tokenizer)
     check_splits(cfg, datasets)
-    # "auto" becomes this machine's choice for this model, once; config.toml records the choice
-    for line in resolve_auto(cfg.train, proc.device, read_config(base_dir).hidden_size):
-        say(line)
+    # "auto" becomes this machine's choice for this model, once; config.toml records the choice.
+    # Rank 0 decides (the CPU probe times matmuls: ranks timing at once would slow each other and
+    # could disagree), the others take its choice.
+    if proc.is_main:
+        shape = MatmulShape.of(read_config(base_dir), cfg.train.micro_batch_size * cfg.data.max_seq_len)
+        for line in resolve_auto(cfg.train, proc.device, shape):
+            say(line)
+    cfg.train.loss, cfg.train.precision = broadcast_from_main((cfg.train.loss, cfg.train.precision), proc)
     if proc.is_main:
         print(format_stats(datasets.stats), flush=True)
         write_atomic(run_dir / "config.toml", to_toml(cfg))  # validated and resolved: this is what runs

@@ -16,6 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ftcore import kernels
+from ftcore.kernels import registry
 from helpers import compile_for_gpu_or_skip, gpu, needs_cuda
 from ftcore.kernels import get_loss, linear_cross_entropy
 from ftcore.kernels.linear_cross_entropy import STATS, chunk_rows_for
@@ -230,7 +231,7 @@ def test_registry_and_user_kernel():
     kernels.register_kernel("rmsnorm", "user-test", torch.nn.functional.rms_norm)
     assert kernels.get_kernel("rmsnorm", "user-test") is torch.nn.functional.rms_norm
     assert kernels.available_kernels("rmsnorm") == ["torch", "triton", "user-test"]
-    del kernels._KERNELS[("loss", "user-test")], kernels._KERNELS[("rmsnorm", "user-test")]
+    del registry._KERNELS[("loss", "user-test")], registry._KERNELS[("rmsnorm", "user-test")]
 
 
 class _GradsInForwardIgnoringGradOutput(torch.autograd.Function):

@@ -1,4 +1,4 @@
-"""Kernels, installed as `ftcore.kernels`, chosen by name in the config.
+"""The kernel registry, imported as `ftcore.kernels` (the package re-exports it).
 
 Every kernel lives in one registry keyed by (kind, name): kind "loss" holds the lm_head +
 cross-entropy implementations that `train.loss` picks; the layer kinds "rmsnorm", "rope" and
@@ -136,7 +136,7 @@ def _lazy(module: str, name: str) -> Callable[[], Callable]:
     because triton reads TRITON_INTERPRET at import."""
     def factory():
         import importlib
-        return getattr(importlib.import_module(module, __name__), name)
+        return getattr(importlib.import_module(module, __package__), name)
     return factory
 
 
