@@ -56,7 +56,7 @@ def stepper(hidden: int, precision: str, args):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--hidden", default="128,192,256,384,512")
+    ap.add_argument("--hidden", default="32,64,96,128,256,512")
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--batch", type=int, default=16)
