@@ -13,7 +13,9 @@ setup(
     install_requires=["torch", "tokenizers", "safetensors", "numpy", "tqdm"],
     extras_require={
         "triton": ["triton"],
-        "test": ["pytest", "transformers", "rouge-score", "sacrebleu", "triton", "matplotlib"],
+        "gguf": ["gguf"],  # GGUF files (llama.cpp) in and out: the format's own library
+        # transformers reads GGUF with gguf and accelerate: the reference the GGUF tests check against
+        "test": ["pytest", "transformers", "rouge-score", "sacrebleu", "triton", "matplotlib", "gguf", "accelerate"],
         "bench": ["matplotlib"],
         "plot": ["matplotlib"],
     },

@@ -205,8 +205,8 @@ def _prune(ckpt_root: Path, keep: int) -> None:
 
 def export_hf(model, path: Path, proc: Dist, tokenizer=None, max_shard_bytes: int | None = None) -> None:
     """Write an HF directory (tokenizer included) from a model that may be sharded: one tensor at a
-    time is gathered (every rank takes part) and rank 0 writes each safetensors file once its
-    tensors are in, so rank 0 holds at most one file's worth beyond its own shards."""
+    time is gathered (every rank takes part) and rank 0 writes it straight into its safetensors
+    file, so rank 0 holds at most one gathered tensor beyond its own shards."""
     from torch.distributed.tensor import DTensor
 
     from ftcore.weights import DEFAULT_MAX_SHARD_BYTES, save_pretrained

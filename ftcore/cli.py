@@ -1,4 +1,4 @@
-"""`ftcore train|eval|generate|export|bench`.
+"""`ftcore train|eval|generate|export|import-gguf|bench|plot`.
 
 A user mistake (bad config, bad data, a checkpoint that does not match) ends with one line on
 stderr and exit code 2, not a traceback.
@@ -13,12 +13,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from ftcore.checkpoint import CheckpointError
     from ftcore.config import ConfigError
     from ftcore.data import DataError
+    from ftcore.gguf import GGUFError
     from ftcore.model import ModelConfigError
     from ftcore.templates import TemplateError
     from ftcore.tokenizer import TokenizerError
     from ftcore.train import NonFiniteError
     from ftcore.weights import WeightsError
-    return (CheckpointError, ConfigError, DataError, ModelConfigError, NonFiniteError, TemplateError,
+    return (CheckpointError, ConfigError, DataError, GGUFError, ModelConfigError, NonFiniteError, TemplateError,
             TokenizerError, WeightsError)
 
 
@@ -48,8 +49,20 @@ def cmd_generate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from ftcore.export import export_checkpoint
-    export_checkpoint(args.checkpoint, args.out, base=args.base)
+    from ftcore.export import export
+    print(f"wrote {export(args.source, args.out, base=args.base, gguf_type=args.gguf_type)}")
+    return 0
+
+
+def cmd_import_gguf(args) -> int:
+    from ftcore.config import ConfigError
+    from ftcore.export import export
+    from ftcore.gguf import is_gguf
+    if not is_gguf(args.file):
+        raise ConfigError(f"{args.file}: import-gguf reads a .gguf file")
+    if is_gguf(args.out):
+        raise ConfigError(f"--out {args.out}: import-gguf writes an HF directory; for GGUF to GGUF use ftcore export")
+    print(f"wrote {export(args.file, args.out)}")
     return 0
 
 
@@ -92,11 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_args(g)
     g.set_defaults(fn=cmd_generate)
 
-    x = sub.add_parser("export", help="write a training checkpoint as an HF directory")
-    x.add_argument("checkpoint", help="RUN_DIR/checkpoints/step_XXXXXXXX")
-    x.add_argument("--out", required=True)
-    x.add_argument("--base", default=None, help="the base model directory (default: from the run's config.toml)")
+    x = sub.add_parser("export", help="a checkpoint, HF directory or GGUF file as an HF directory or a GGUF file")
+    x.add_argument("source", help="RUN_DIR/checkpoints/step_XXXXXXXX, an HF directory (e.g. RUN_DIR/final) or a .gguf file")
+    x.add_argument("--out", required=True, help="a directory (HF format), or FILE.gguf")
+    x.add_argument("--gguf-type", default=None, choices=["f32", "f16", "bf16", "q8_0"],
+                   help="tensor type of the matrices in a GGUF output (default f16; norms stay f32)")
+    x.add_argument("--base", default=None, help="a checkpoint's base model (default: from the run's config.toml)")
     x.set_defaults(fn=cmd_export)
+
+    ig = sub.add_parser("import-gguf", help="a GGUF file (llama.cpp, Ollama, LM Studio) as an HF directory")
+    ig.add_argument("file", help="FILE.gguf (quantized tensors are dequantized to fp32)")
+    ig.add_argument("--out", required=True, help="the HF directory to write")
+    ig.set_defaults(fn=cmd_import_gguf)
 
     b = sub.add_parser("bench", help="memory estimate of a config (no GPU needed); timed runs: bench/")
     b.add_argument("--estimate", required=True, metavar="CONFIG")

@@ -128,6 +128,7 @@ class CheckpointConfig:
     keep: int = 2
     export_final: bool = True
     max_shard_mb: int = 5120       # safetensors files of final/ and `ftcore export` at most this big
+    export_gguf: str = ""          # "" | f32 | f16 | bf16 | q8_0: final/model-TYPE.gguf too (llama.cpp, Ollama)
 
 
 @dataclass
@@ -164,6 +165,7 @@ CHOICES = {
     "data.chat_format": ("chatml", "llama3"),
     "data.clean": ("", "html"),
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "checkpoint.export_gguf": ("", "f32", "f16", "bf16", "q8_0"),
 }
 
 
@@ -318,6 +320,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.max_completion_tokens={data.max_completion_tokens} must be < data.max_seq_len={data.max_seq_len}")
     if t.max_steps < 0:
         raise ConfigError("train.max_steps must be >= 0")
+    if cfg.checkpoint.export_gguf and not (cfg.checkpoint.export_final or cfg.eval.final):
+        raise ConfigError(f"checkpoint.export_gguf={cfg.checkpoint.export_gguf!r} converts final/: it needs "
+                          "checkpoint.export_final=true (or eval.final=true)")
     if t.optimizer_in_backward and t.grad_clip > 0:
         raise ConfigError("train.optimizer_in_backward steps each parameter as soon as its gradient is ready, "
                           "so there is no global-norm clipping: set train.grad_clip=0")

@@ -461,22 +461,20 @@ def _fmt(b: float) -> str:
     return f"{b / GiB:8.2f} GiB" if abs(b) >= GiB else f"{b / MiB:8.1f} MiB"
 
 
-def estimate_load_bytes(model_cfg, *, world_size: int, fsdp: bool, param_bytes: int, file_bytes: int,
-                        max_shard_bytes: int) -> dict[str, int]:
+def estimate_load_bytes(model_cfg, *, world_size: int, fsdp: bool, param_bytes: int, file_bytes: int) -> dict[str, int]:
     """Per-rank peak of loading the weights and rank 0's peak of the final export.
 
     Loading under FSDP (weights.load_into_shards): this rank's shards, plus the rows it owns of one
     tensor read in the file's dtype before conversion. Without FSDP (load_pretrained): the whole
     model, plus one tensor in the file's dtype (and the file's pages while it is mapped, which the
-    OS may count as resident). Export (checkpoint.export_hf): rank 0's own shards, the tensors of
-    one safetensors file, and one gathered tensor; every other rank its shards and that tensor."""
+    OS may count as resident). Export (checkpoint.export_hf): every rank its own shards and one
+    gathered tensor, which rank 0 writes as it arrives (weights.save_pretrained holds no more)."""
     s = Shape.of(model_cfg, 1, 1)
     W = world_size if fsdp else 1
     largest = max(s.V * s.H, s.I * s.H, s.qd * s.H)
     own = math.ceil(s.total_params / W) * param_bytes
     load = own + math.ceil(largest / W) * file_bytes
-    model_file = s.total_params * param_bytes
-    export = own + min(max(max_shard_bytes, largest * param_bytes), model_file) + largest * param_bytes
+    export = own + largest * param_bytes
     return {"load": load, "export": export, "own": own}
 
 
@@ -525,7 +523,7 @@ def estimate_run(cfg, model_cfg, world_size: int = 1, device: torch.device | Non
     param_bytes = 2 if t.precision == "bf16" else 4
     file_bytes = _file_dtype_bytes(cfg)
     load = estimate_load_bytes(model_cfg, world_size=world_size, fsdp=fsdp, param_bytes=param_bytes,
-                               file_bytes=file_bytes, max_shard_bytes=cfg.checkpoint.max_shard_mb * 2**20)
+                               file_bytes=file_bytes)
     return {**e, "device": device, "loss": loss, "precision": t.precision, "fsdp": fsdp, "accum": accum,
             "load_bytes": load["load"], "export_bytes": load["export"], "file_bytes_per_param": file_bytes}
 
@@ -551,9 +549,8 @@ def estimate_report(cfg, world_size: int = 1) -> str:
         "", f"loading the weights, per rank: {_fmt(e['load_bytes']).strip()}   ({held}, plus "
         f"{'the rows it owns of ' if fsdp else ''}one tensor in flight in the file's dtype, "
         f"{e['file_bytes_per_param']} B/param)",
-        f"final export, rank 0: {_fmt(e['export_bytes']).strip()}   ({'its shards' if fsdp else 'the model'}, one "
-        f"safetensors file of at most checkpoint.max_shard_mb = {cfg.checkpoint.max_shard_mb:,} MiB, one "
-        f"{'gathered ' if fsdp else ''}tensor)",
+        f"final export, rank 0: {_fmt(e['export_bytes']).strip()}   ({'its shards' if fsdp else 'the model'} and one "
+        f"{'gathered ' if fsdp else ''}tensor, written as it arrives)",
     ]
     lines = [
         f"model: {src}: {mc.model_type}, {mc.num_layers} layers, hidden {mc.hidden_size}, intermediate "

@@ -364,8 +364,8 @@ def run_eval(cfg, model_dirs: list[str], device=None, out_dir=None) -> dict:
         raise ConfigError(f"ftcore eval takes --model BASE_DIR --model FINETUNED_DIR (or one --model), "
                           f"got {len(model_dirs)}")
     for d in model_dirs:
-        if not (Path(d) / "config.json").is_file():
-            raise ConfigError(f"--model {d}: no config.json there")
+        if not (Path(d) / "config.json").is_file() and not (str(d).lower().endswith(".gguf") and Path(d).is_file()):
+            raise ConfigError(f"--model {d}: no config.json there (and not a .gguf file)")
     device = torch.device(device) if device is not None else pick_device(cfg.train.device)
     tokenizer = Tokenizer.from_dir(model_dirs[0])
     datasets = prepare_datasets(cfg, tokenizer)

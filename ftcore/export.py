@@ -1,20 +1,22 @@
-"""A training checkpoint (DCP, possibly written by N ranks) as an HF directory, on one process,
-one tensor at a time: the model is built on the meta device (shapes only), each tensor is read from
-the checkpoint when its safetensors file is written, so the peak is one file's tensors, not the
-model."""
+"""`ftcore export` and `ftcore import-gguf`: a model from any source a run knows (a training
+checkpoint written by N ranks, an HF directory such as a run's final/, a GGUF file) to an HF
+directory or a GGUF file, on one process, one tensor at a time. The model is built on the meta
+device (names and shapes only); each tensor is read from the source when the writer needs it, so
+the peak is one safetensors file's tensors (an HF target) or one tensor (a GGUF target), never the
+model twice."""
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultLoadPlanner
 
 from ftcore.config import Config, ConfigError, load_config
+from ftcore.gguf import is_gguf
 from ftcore.hf import read_config
-from ftcore.model import Transformer
-from ftcore.weights import save_pretrained
+from ftcore.model import ModelConfig, Transformer
 
 
 def _run_config(run_dir: Path) -> Config | None:
@@ -29,18 +31,31 @@ def base_dir_of_run(run_dir: Path) -> Path:
     return Path(cfg.model.path) if cfg.model.path else run_dir / "base"
 
 
-def export_checkpoint(checkpoint: str, out: str, base: str | None = None) -> Path:
+@dataclass
+class Source:
+    model: Transformer                           # on the meta device: the architecture only
+    shapes: dict[str, torch.Tensor]              # {our name: meta tensor} (a tied lm_head is embed)
+    fetch: Callable[[str], torch.Tensor]         # the full tensor of a name, read now
+    tokenizer: object | None
+    max_shard_bytes: int
+
+
+def _meta_model(cfg: ModelConfig) -> tuple[Transformer, dict]:
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return model, model.state_dict()
+
+
+def _checkpoint_source(ckpt: Path, base: str | None) -> Source:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
     from ftcore.checkpoint import verify_checkpoint
-    ckpt = Path(checkpoint)
-    if not (ckpt / "trainer_state.pt").is_file():
-        raise ConfigError(f"{ckpt}: not a complete training checkpoint (no trainer_state.pt)")
     if (problem := verify_checkpoint(ckpt)) is not None:
         raise ConfigError(f"{ckpt}: damaged checkpoint: {problem}")
     base_dir = Path(base) if base else base_dir_of_run(ckpt.parent.parent)
     run_cfg = _run_config(ckpt.parent.parent)
-    with torch.device("meta"):
-        model = Transformer(read_config(base_dir))
-    shapes = model.state_dict()  # meta tensors: names, shapes, dtypes (a tied lm_head is embed)
+    model, shapes = _meta_model(read_config(base_dir))
 
     def fetch(name: str) -> torch.Tensor:
         t = torch.empty(shapes[name].shape, dtype=shapes[name].dtype)
@@ -50,11 +65,62 @@ def export_checkpoint(checkpoint: str, out: str, base: str | None = None) -> Pat
             dcp.load({"model": {name: t}}, checkpoint_id=str(ckpt), planner=DefaultLoadPlanner(allow_partial_load=True))
         return t
 
-    tokenizer = None
-    if (base_dir / "tokenizer.json").is_file():
-        from ftcore.tokenizer import Tokenizer
-        tokenizer = Tokenizer.from_dir(base_dir)
     shard_mb = run_cfg.checkpoint.max_shard_mb if run_cfg else Config().checkpoint.max_shard_mb
-    save_pretrained(model, Path(out), tokenizer=tokenizer, state_dict=shapes, fetch=fetch,
-                    max_shard_bytes=shard_mb * 2**20)
+    return Source(model, shapes, fetch, _tokenizer_of(base_dir), shard_mb * 2**20)
+
+
+def _tokenizer_of(model_path: Path):
+    from ftcore.tokenizer import Tokenizer
+    if is_gguf(model_path) or (model_path / "tokenizer.json").is_file():
+        return Tokenizer.from_dir(model_path)
+    return None
+
+
+def _model_source(path: Path) -> Source:
+    """An HF directory or a GGUF file: every tensor read through checkpoint_tensors, on demand."""
+    from ftcore.weights import DEFAULT_MAX_SHARD_BYTES, checkpoint_dtype, checkpoint_tensors
+    cfg = read_config(path)
+    model, shapes = _meta_model(cfg)
+    dtype = checkpoint_dtype(path)
+    readers = dict(checkpoint_tensors(path, cfg, dict(model.named_parameters())))  # every tensor checked first
+
+    def fetch(name: str) -> torch.Tensor:
+        return readers[name](0, shapes[name].shape[0] if shapes[name].ndim else 1).to(dtype)
+
+    return Source(model, {n: t.to(dtype) for n, t in shapes.items()}, fetch, _tokenizer_of(path),
+                  DEFAULT_MAX_SHARD_BYTES)
+
+
+def open_source(src: str, base: str | None = None) -> Source:
+    path = Path(src)
+    if (path / "trainer_state.pt").is_file():
+        return _checkpoint_source(path, base)
+    if is_gguf(path) and path.is_file() or (path / "config.json").is_file():
+        return _model_source(path)
+    raise ConfigError(f"{src}: not a training checkpoint (no trainer_state.pt), an HF directory (no config.json) "
+                      "or a .gguf file")
+
+
+def export(src: str, out: str, base: str | None = None, gguf_type: str | None = None,
+           progress: bool = True) -> Path:
+    """`ftcore export SRC --out OUT`: OUT ending in .gguf is a GGUF file of `gguf_type` (default
+    f16), anything else an HF directory."""
+    from ftcore.weights import save_pretrained
+    source = open_source(src, base)
+    if is_gguf(out):
+        from ftcore.gguf import write_gguf
+        return write_gguf(out, source.model.config, source.tokenizer,
+                          {n: tuple(t.shape) for n, t in source.shapes.items()}, source.fetch,
+                          gguf_type or "f16", progress=progress)
+    if gguf_type:
+        raise ConfigError(f"--gguf-type {gguf_type} needs --out FILE.gguf (got {out})")
+    save_pretrained(source.model, Path(out), tokenizer=source.tokenizer, state_dict=source.shapes,
+                    fetch=source.fetch, max_shard_bytes=source.max_shard_bytes)
     return Path(out)
+
+
+def export_checkpoint(checkpoint: str, out: str, base: str | None = None) -> Path:
+    """A training checkpoint as an HF directory (kept for scripts that call it by this name)."""
+    if not (Path(checkpoint) / "trainer_state.pt").is_file():
+        raise ConfigError(f"{checkpoint}: not a complete training checkpoint (no trainer_state.pt)")
+    return export(checkpoint, out, base)

@@ -90,8 +90,13 @@ def config_from_hf(hf_config: dict[str, Any], where: str = "config.json") -> Mod
     )
 
 def read_config(path: str | Path) -> ModelConfig:
-    """config.json of a model directory (or the file itself)."""
+    """config.json of a model directory (or the file itself); a GGUF file's metadata."""
     path = Path(path)
+    if str(path).lower().endswith(".gguf"):
+        import copy
+
+        from ftcore.gguf import open_gguf
+        return copy.deepcopy(open_gguf(path).config)
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
@@ -149,18 +154,19 @@ _NAMES = [
 ]
 
 
-def _pattern(template: str) -> re.Pattern:
+def name_pattern(template: str) -> re.Pattern:
+    """A name template ({i} a layer index, {p} weight or bias) as a regex (also for gguf.py's names)."""
     rx = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
     return re.compile(rx)
 
 
-_HF_TO_OURS = [(_pattern(hf), ours) for hf, ours in _NAMES]
-_OURS_TO_HF = [(_pattern(ours), hf) for hf, ours in _NAMES]
+_HF_TO_OURS = [(name_pattern(hf), ours) for hf, ours in _NAMES]
+_OURS_TO_HF = [(name_pattern(ours), hf) for hf, ours in _NAMES]
 # tensors some checkpoints carry that are derived, not learned
 IGNORED_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
 
 
-def _map(name: str, table) -> str | None:
+def map_name(name: str, table) -> str | None:
     for pat, template in table:
         m = pat.fullmatch(name)
         if m:
@@ -169,11 +175,11 @@ def _map(name: str, table) -> str | None:
 
 
 def hf_to_ours(name: str) -> str | None:
-    return _map(name, _HF_TO_OURS)
+    return map_name(name, _HF_TO_OURS)
 
 
 def ours_to_hf(name: str) -> str:
-    hf = _map(name, _OURS_TO_HF)
+    hf = map_name(name, _OURS_TO_HF)
     if hf is None:
         raise KeyError(name)
     return hf

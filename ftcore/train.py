@@ -164,11 +164,16 @@ def validation_loss(model, examples: list[Example], cfg: Config, proc: Dist, aut
 # the run
 
 def prepare_base(cfg: Config, run_dir: Path, proc: Dist) -> Path:
-    """The base model directory: model.path, or a tiny model pretrained here from scratch."""
+    """The base model: model.path (an HF directory or a GGUF file), or a tiny model pretrained here
+    from scratch."""
     if cfg.model.path:
         path = Path(cfg.model.path)
+        if str(path).lower().endswith(".gguf"):
+            if not path.is_file():
+                raise ConfigError(f"model.path={cfg.model.path!r}: no such file")
+            return path
         if not (path / "config.json").is_file():
-            raise ConfigError(f"model.path={cfg.model.path!r}: no config.json there")
+            raise ConfigError(f"model.path={cfg.model.path!r}: no config.json there (and not a .gguf file)")
         return path
     from ftcore.pretrain import pretrain_base
     base = run_dir / "base"
@@ -250,6 +255,9 @@ def set_up(cfg: Config, proc: Dist) -> Run:
         for line in resolve_auto(cfg.train, proc.device, shape):
             say(line)
     cfg.train.loss, cfg.train.precision = broadcast_from_main((cfg.train.loss, cfg.train.precision), proc)
+    if cfg.checkpoint.export_gguf:  # checked before training, not found wanting after it
+        from ftcore.gguf import check_exportable
+        check_exportable(read_config(base_dir), tokenizer, f"checkpoint.export_gguf={cfg.checkpoint.export_gguf!r}")
     if proc.is_main:
         print(format_stats(datasets.stats), flush=True)
         write_atomic(run_dir / "config.toml", to_toml(cfg))  # validated and resolved: this is what runs
@@ -384,6 +392,11 @@ def finish(cfg: Config, proc: Dist, run: Run, model) -> dict:
         if fsdp:
             print(f"rank {proc.rank}: exported {final_dir} tensor by tensor; peak host memory allocated "
                   f"{mem.peak / 2**20:,.1f} MiB", flush=True)
+        if cfg.checkpoint.export_gguf and proc.is_main:  # from the files just written, one tensor at a time
+            from ftcore.export import export
+            gguf_type = cfg.checkpoint.export_gguf
+            print(f"wrote {export(str(final_dir), str(final_dir / f'model-{gguf_type}.gguf'), gguf_type=gguf_type, progress=cfg.log.progress)}",
+                  flush=True)
     if cfg.eval.final and proc.is_main:
         run.results.update(evaluate_for_run(cfg, final_dir, run.tokenizer, run.datasets, proc.device, base=False))
     run.phase_done("export + final eval", t_phase)

@@ -1,17 +1,20 @@
-"""Hugging Face safetensors in and out: name mapping, sharded index, tied embeddings.
+"""Hugging Face safetensors in and out: name mapping, sharded index, tied embeddings. A GGUF
+file (ftcore.gguf) is read through the same two loaders.
 
 load_pretrained builds the model on the meta device and materialises each parameter straight
 from the file in its target dtype and device, so peak memory stays near one copy of the model.
+Both loaders take their tensors from checkpoint_tensors: (name, read rows) pairs, whatever the
+format.
 
 load_into_shards is the FSDP path, where no rank may hold the whole model: the model was built on
 the meta device and sharded (fully_shard); each rank allocates only its shards and reads from the
-files only the rows it owns (dim-0 shards are contiguous byte ranges of a safetensors file), with
-plain positioned reads rather than a memory map, so nothing of the file is counted in the rank's
+files only the rows it owns (dim-0 shards are contiguous byte ranges of a safetensors file; of a
+GGUF file, whole quantized blocks), with plain positioned reads rather than a memory map, so nothing of the file is counted in the rank's
 resident memory beyond one tensor's slice in flight.
 
-save_pretrained writes shard by shard: with `fetch` (a function of a parameter name that every
-rank calls in the same order, e.g. to gather a DTensor) it holds one shard file's tensors at a
-time, never the whole model.
+save_pretrained writes tensor by tensor: with `fetch` (a function of a parameter name that every
+rank calls in the same order, e.g. to gather a DTensor) it holds one tensor at a time, never the
+whole model (the safetensors header is planned from the shapes first).
 """
 from __future__ import annotations
 
@@ -21,13 +24,12 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from ftcore.files import atomic_path, write_atomic
+from ftcore.files import write_atomic
+from ftcore.gguf import is_gguf
 from ftcore.hf import IGNORED_TENSORS, config_to_hf, hf_to_ours, ours_to_hf, read_config  # noqa: F401 (name mapping re-exported)
 from ftcore.model import ModelConfig, Transformer
 
@@ -50,7 +52,10 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def checkpoint_dtype(path: Path) -> torch.dtype:
-    """The dtype config.json says the weights are stored in (fp32 where it says nothing)."""
+    """The dtype config.json says the weights are stored in (fp32 where it says nothing; a GGUF
+    file is dequantized to fp32)."""
+    if is_gguf(path):
+        return torch.float32
     d = json.loads((Path(path) / "config.json").read_text())
     name = d.get("dtype") or d.get("torch_dtype") or "float32"
     return getattr(torch, name, torch.float32)
@@ -79,6 +84,7 @@ def _check_complete(path: Path, expected: dict, loaded: set[str]) -> None:
 
 def load_pretrained(cls=Transformer, path=".", dtype=None, device=None, loss: str = "torch",
                     kernels: dict[str, str] | None = None) -> Transformer:
+    """The model of an HF directory or a GGUF file, materialised tensor by tensor in `dtype`."""
     path = Path(path)
     cfg = read_config(path)
     dtype = dtype or checkpoint_dtype(path)
@@ -86,31 +92,55 @@ def load_pretrained(cls=Transformer, path=".", dtype=None, device=None, loss: st
     with torch.device("meta"):
         model = cls(cfg, loss=loss, kernels=kernels)
     expected = {n: p for n, p in model.named_parameters()}  # tied lm_head appears once, as embed
-    loaded: set[str] = set()
-    for file in _weight_files(path):
-        if not file.is_file():
-            raise WeightsError(f"{file}: listed in the index but missing")
-        try:
-            f = safe_open(str(file), framework="pt", device="cpu")
-        except Exception as e:  # safetensors raises its own error types for truncated headers
-            raise WeightsError(f"{file}: not a readable safetensors file ({e})") from None
-        with f:
-            for hf_name in f.keys():
-                name = _target(file, hf_name, f.get_slice(hf_name).get_shape(), cfg, expected)
-                if name is None:
-                    continue
-                try:
-                    t = f.get_tensor(hf_name)
-                except Exception as e:
-                    raise WeightsError(f"{file}: tensor {hf_name!r} cannot be read ({e}); truncated file?") from None
-                _set_param(model, name, t.to(device=device, dtype=dtype))
-                del t
-                loaded.add(name)
-    _check_complete(path, expected, loaded)
+    for name, read in checkpoint_tensors(path, cfg, expected):
+        rows = expected[name].shape[0] if expected[name].ndim else 1
+        _set_param(model, name, read(0, rows).to(device=device, dtype=dtype))
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
     model.reset_buffers(device)
     return model
+
+
+def checkpoint_tensors(path: Path, cfg: ModelConfig, expected: dict) -> Iterator[tuple[str, Callable[[int, int], torch.Tensor]]]:
+    """(our name, read(first_row, rows)) for every tensor of a checkpoint (an HF directory's
+    safetensors files, or a GGUF file), each checked against `expected` {name: parameter} before it
+    is read; a missing tensor raises once the files are done. read() returns those rows of dim 0
+    in the file's dtype (GGUF: dequantized to float32), reading nothing else, whenever it is called
+    (`dict(checkpoint_tensors(...))` checks every tensor first and then reads in any order)."""
+    path = Path(path)
+    if is_gguf(path):
+        from ftcore.gguf import tensor_entries
+        yield from tensor_entries(path, {n: tuple(p.shape) for n, p in expected.items()})
+        return
+    loaded: set[str] = set()
+    for file in _weight_files(path):
+        if not file.is_file():
+            raise WeightsError(f"{file}: listed in the index but missing")
+        header, data_start = read_safetensors_header(file)
+        for hf_name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            name = _target(file, hf_name, info["shape"], cfg, expected)
+            if name is not None:
+                yield name, _row_reader(file, hf_name, info, data_start)
+                loaded.add(name)
+    _check_complete(path, expected, loaded)
+
+
+def _row_reader(file: Path, hf_name: str, info: dict, data_start: int) -> Callable[[int, int], torch.Tensor]:
+    """Rows of one safetensors tensor by a positioned read (dim-0 rows are contiguous bytes); the
+    file is opened for each read, so a reader can be called at any time, in any order."""
+    file_dtype = SAFETENSORS_DTYPES[info["dtype"]]
+    shape = info["shape"]
+    row_bytes = math.prod(shape[1:]) * file_dtype.itemsize
+
+    def read(first: int, rows: int) -> torch.Tensor:
+        buf = torch.empty(rows * row_bytes, dtype=torch.uint8)
+        with open(file, "rb") as fh:
+            fh.seek(data_start + info["data_offsets"][0] + first * row_bytes)
+            got = fh.readinto(buf.numpy()) if rows else 0
+        if got != buf.numel():
+            raise WeightsError(f"{file}: tensor {hf_name!r} cannot be read; truncated file?")
+        return buf.view(file_dtype).view(rows, *shape[1:]) if shape else buf.view(file_dtype).view(())
+    return read
 
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -161,9 +191,9 @@ def _owned_rows(param) -> tuple[int, int]:
 
 def load_into_shards(model: Transformer, path, device) -> int:
     """Fill the shards of a model built on the meta device and sharded with fully_shard, from the
-    safetensors files in `path`, converting to the parameters' dtype on the way. Returns the bytes
-    this rank holds. Errors (a missing, unexpected, misshapen or unreadable tensor) are the same one line
-    on every rank, found before any collective."""
+    checkpoint in `path` (safetensors or GGUF), converting to the parameters' dtype on the way.
+    Returns the bytes this rank holds. Errors (a missing, unexpected, misshapen or unreadable
+    tensor) are the same one line on every rank, found before any collective."""
     from torch.distributed.tensor import DTensor
     path, device = Path(path), torch.device(device)
     cfg = model.config
@@ -171,31 +201,13 @@ def load_into_shards(model: Transformer, path, device) -> int:
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
     expected = dict(model.named_parameters())  # a tied lm_head appears once, as embed
-    loaded: set[str] = set()
-    for file in _weight_files(path):
-        if not file.is_file():
-            raise WeightsError(f"{file}: listed in the index but missing")
-        header, data_start = read_safetensors_header(file)
-        with open(file, "rb") as fh:
-            for hf_name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-                name = _target(file, hf_name, info["shape"], cfg, expected)
-                if name is None:
-                    continue
-                param = expected[name]
-                local = param.to_local() if isinstance(param, DTensor) else param
-                first, rows = _owned_rows(param)
-                if rows:
-                    file_dtype = SAFETENSORS_DTYPES[info["dtype"]]
-                    row_bytes = math.prod(info["shape"][1:]) * file_dtype.itemsize
-                    buf = torch.empty(rows * row_bytes, dtype=torch.uint8)
-                    fh.seek(data_start + info["data_offsets"][0] + first * row_bytes)
-                    if fh.readinto(buf.numpy()) != buf.numel():
-                        raise WeightsError(f"{file}: tensor {hf_name!r} cannot be read; truncated file?")
-                    with torch.no_grad():
-                        local.copy_(buf.view(file_dtype).view(local.shape))
-                    del buf
-                loaded.add(name)
-    _check_complete(path, expected, loaded)
+    for name, read in checkpoint_tensors(path, cfg, expected):
+        param = expected[name]
+        local = param.to_local() if isinstance(param, DTensor) else param
+        first, rows = _owned_rows(param)
+        if rows:
+            with torch.no_grad():
+                local.copy_(read(first, rows).view(local.shape))
     model.reset_buffers(device)
     return sum((p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size() for p in expected.values())
 
@@ -207,10 +219,46 @@ def _set_param(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def _readable(path: Path) -> None:
-    """safetensors creates its files 0600; an export is readable like any file the user writes."""
+    """An export is readable like any file the user writes (safetensors' own writer made them 0600)."""
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
+
+
+_SAFETENSORS_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+class _SafetensorsWriter:
+    """A safetensors file written tensor by tensor: the header (names, dtypes, shapes, offsets) is
+    known from the plan, so each tensor's bytes go to disk when it arrives and nothing is held.
+    (safetensors' own save_file takes every tensor at once and copies each to bytes: the whole
+    shard twice.) Written to FILE.tmp, renamed by close()."""
+
+    def __init__(self, path: Path, layout: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype):
+        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
+        self.expected = [(name, shape) for name, shape in layout]
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape in layout:
+            nbytes = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        self.f = open(self.tmp, "wb")
+        self.f.write(struct.pack("<Q", len(raw)) + raw)
+        self.dtype, self.i = dtype, 0
+
+    def write(self, t: torch.Tensor) -> None:
+        name, shape = self.expected[self.i]
+        assert tuple(t.shape) == shape and t.dtype == self.dtype, (name, tuple(t.shape), shape, t.dtype)
+        self.f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        self.i += 1
+
+    def close(self) -> None:
+        assert self.i == len(self.expected), f"{self.path}: {self.i} of {len(self.expected)} tensors written"
+        self.f.close()
+        _readable(self.tmp)
+        os.replace(self.tmp, self.path)
 
 
 def save_pretrained(model: Transformer, path, tokenizer=None, state_dict: dict | None = None,
@@ -219,8 +267,8 @@ def save_pretrained(model: Transformer, path, tokenizer=None, state_dict: dict |
     """Write config.json, generation_config.json and safetensors (sharded with an index above
     max_shard_bytes) that transformers loads. `state_dict`: {our name: tensor} (default:
     model.state_dict()); its shapes and dtypes plan the shard files. `fetch(name)`: the full tensor
-    of a name, called for every name in file order (every rank calls it, when it gathers); only
-    one shard file's tensors are held at a time. `write=False`: fetch, write nothing (the ranks
+    of a name, called for every name in file order (every rank calls it, when it gathers); each is
+    written as soon as it is fetched, so one tensor is held at a time. `write=False`: fetch, write nothing (the ranks
     that only take part in the gathers)."""
     cfg: ModelConfig = model.config
     path = Path(path)
@@ -243,17 +291,15 @@ def save_pretrained(model: Transformer, path, tokenizer=None, state_dict: dict |
     if write:
         path.mkdir(parents=True, exist_ok=True)
     for shard, fname in zip(shards, names):
-        tensors = {}
+        layout = [(hf_names[n], tuple(sd[n].shape)) for n in shard]
+        writer = _SafetensorsWriter(path / fname, layout, out_dtype) if write else None
         for name in shard:
             t = fetch(name)
-            if write:
-                tensors[hf_names[name]] = t.detach().to(device="cpu", dtype=out_dtype).contiguous()
+            if writer is not None:
+                writer.write(t.detach().to(device="cpu", dtype=out_dtype).contiguous())
             del t
-        if write:
-            with atomic_path(path / fname) as tmp:
-                save_file(tensors, str(tmp), metadata={"format": "pt"})
-                _readable(tmp)
-        del tensors
+        if writer is not None:
+            writer.close()
     if not write:
         return
     if len(shards) > 1:

@@ -296,7 +296,7 @@ def test_broken_model_directories(setup, tmp_path, capsys, what, message):
     (["generate", "--model", "{base}", "--prompt", "word " * 600], "the model has 512 positions"),
     (["bench", "--estimate", TINY, "--world-size", "0"], "--world-size must be >= 1, got 0"),
     (["bench", "--estimate", TINY, "train.loss=fast"], "'train.loss' must be auto or a registered loss kernel"),
-    (["export", "/no/such/step", "--out", "x"], "not a complete training checkpoint"),
+    (["export", "/no/such/step", "--out", "x"], "not a training checkpoint (no trainer_state.pt), an HF directory"),
 ])
 def test_other_commands(setup, capsys, args, message):
     _one_line(*_ftcore(capsys, *[a.replace("{base}", str(setup / "base")) for a in args]), message)
