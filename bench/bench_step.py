@@ -76,6 +76,11 @@ PRESETS: dict[str, dict] = {
     "cpu-50m": dict(cfg=dict(model_type="llama", vocab_size=32000, hidden_size=512, intermediate_size=1376,
                              num_layers=6, num_heads=8, num_kv_heads=8, max_position_embeddings=2048,
                              rms_norm_eps=1e-5, tie_word_embeddings=False), micro_batch=4, seq_len=512),
+    # SmolLM2-135M-Instruct, the real model of configs/smollm2_reviews_cpu.toml, at that recipe's shape
+    "smollm2-135m": dict(cfg=dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                  num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,
+                                  max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True),
+                         micro_batch=8, seq_len=256, prompt_frac=0.8),
     "tiny": dict(cfg=dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=192, num_layers=2,
                           num_heads=4, num_kv_heads=2, max_position_embeddings=512, tie_word_embeddings=True)),
 }
@@ -301,6 +306,9 @@ class StepTimer:
 
 def run_child(spec: dict) -> dict:
     from ftcore.memory import AllocationTrace, dump_memory_snapshot, optimizer_state_tensors, record_memory_history, tensor_bytes
+    if spec["device"] == "cpu":  # every row, peers included: the allocator `ftcore train` runs with
+        from ftcore.hardware import keep_freed_memory
+        keep_freed_memory()
     row = Row(**spec["row"])
     cfg = ModelConfig(**spec["cfg"])
     device = torch.device(spec["device"])
@@ -603,7 +611,8 @@ def main(argv=None) -> int:
                     + ",".join(CPU_ROWS) + ")")
     ap.add_argument("--micro-batch", type=int, default=None, help="default: the preset's, else 4")
     ap.add_argument("--seq-len", type=int, default=None, help="default: the preset's, else 2048")
-    ap.add_argument("--prompt-frac", type=float, default=0.75, help="leading share of each row labelled -100")
+    ap.add_argument("--prompt-frac", type=float, default=None, help="leading share of each row labelled -100 "
+                    "(default: the preset's, else 0.75)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--budget-s", type=float, default=420.0, help="start no row after this many seconds")
@@ -636,6 +645,7 @@ def main(argv=None) -> int:
     preset = PRESETS[args.preset]
     args.micro_batch = args.micro_batch or preset.get("micro_batch", 4)
     args.seq_len = args.seq_len or preset.get("seq_len", 2048)
+    args.prompt_frac = preset.get("prompt_frac", 0.75) if args.prompt_frac is None else args.prompt_frac
     cfg = model_config(args.preset)
     by_name = {r.name: r for r in ROWS}
     names = ([n.strip() for n in args.rows.split(",") if n.strip()]

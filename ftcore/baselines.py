@@ -30,30 +30,36 @@ def lead_source(record: dict, template) -> str:
 
 
 def baseline_results(examples, train_examples, records: dict[str, dict], templates: dict,
-                     max_examples: int = 0, train_labels: dict[str, dict[str, int]] | None = None) -> dict[str, dict]:
+                     max_examples: int = 0, train_labels: dict[str, dict[str, int]] | None = None,
+                     outputs: dict | None = None, max_heldout_examples: int = 0) -> dict[str, dict]:
     """{task: metrics} of the trivial answers, on the same test examples as the models.
     classification: the majority label of the task's training examples, for every example
     (`majority_answer`; rank_* equal the plain metrics, since it ranks nothing).
     summarization / generation / translation: the first k words of lead_source, k the median
     word count of the task's training completions (`lead_words`). records: record_id -> record;
     templates: name -> Template; train_labels: {task: {label: count}} of the training split as the
-    data has it (before data.balance resampled it), else counted in train_examples."""
+    data has it (before data.balance resampled it), else counted in train_examples. `outputs`, if a
+    dict, receives {task: [{"prompt", "reference", "output"}]} as evaluate_model's does."""
     train_by_task: dict[str, list] = defaultdict(list)
     for ex in train_examples:
         train_by_task[ex.task].append(ex)
     out = {}
-    for task, exs in group_by_task(examples, max_examples).items():
+    for task, exs in group_by_task(examples, max_examples, max_heldout_examples).items():
         kind, pool = exs[0].kind, train_by_task.get(exs[0].task) or exs
         references = [e.completion for e in exs]
         if kind == "classification":
             counts = Counter((train_labels or {}).get(exs[0].task) or [normalize_label(e.completion) for e in pool])
             majority = counts.most_common(1)[0][0]
-            m = generation_metrics(kind, [majority] * len(exs), references, sorted(counts, key=natural_order))
-            m.update(rank_accuracy=m["accuracy"], rank_macro_f1=m["macro_f1"], majority_answer=majority)
+            answers = [majority] * len(exs)
+            labels = sorted(counts, key=natural_order)
+            m = generation_metrics(kind, answers, references, labels)
+            m.update(rank_accuracy=m["accuracy"], rank_macro_f1=m["macro_f1"], majority_answer=majority, label_set=labels)
         else:
             k = max(1, round(statistics.median(len(e.completion.split()) for e in pool)))
-            leads = [" ".join(lead_source(records.get(e.record_id, {}), templates.get(e.template)).split()[:k])
-                     for e in exs]
-            m = {**generation_metrics(kind, leads, references), "lead_words": k}
+            answers = [" ".join(lead_source(records.get(e.record_id, {}), templates.get(e.template)).split()[:k])
+                       for e in exs]
+            m = {**generation_metrics(kind, answers, references), "lead_words": k}
+        if outputs is not None:
+            outputs[task] = [{"prompt": e.prompt, "reference": e.completion, "output": a} for e, a in zip(exs, answers)]
         out[task] = {**m, "examples": len(exs)}
     return out

@@ -28,7 +28,8 @@ class RunConfig:
 class ModelSourceConfig:
     """[model]: where the base comes from (not its shape: that is ftcore.model.ModelConfig)."""
     path: str = ""                 # HF checkpoint directory; empty = the base comes from [pretrain]
-    dtype: str = "float32"         # dtype evaluation loads models in (training's weights follow train.precision)
+    dtype: str = "float32"         # dtype evaluation loads models in: float32 | bfloat16 | float16 | auto (bf16 where
+                                   # this device computes it faster, ftcore/hardware.py); training follows train.precision
 
 
 @dataclass
@@ -67,7 +68,8 @@ class DataConfig:
     overlong: str = "truncate"     # truncate | drop (a completion longer than the room left)
     missing_field: str = "skip"    # skip | error (a record lacks a field a template needs)
     batching: str = "pad"          # pad | bucket | pack
-    chat_format: str = "chatml"    # chatml | llama3 (for chat `messages` data)
+    chat_format: str = "chatml"    # chatml | llama3 (for chat `messages` data, when the model has no chat template)
+    prompt_format: str = "auto"    # auto (the model's chat template if it has one, else plain) | chat | plain
     max_records: int = 0           # 0 = all; else the first N records of the file (before dedupe)
     clean: str = ""                # "" | html (markup in text fields -> plain text: <br />, tags, entities)
     dedupe: list[str] = field(default_factory=list)  # drop records equal to an earlier one on these fields
@@ -115,6 +117,7 @@ class EvalConfig:
     final: bool = True
     every: int = 0                 # validation loss every N steps; 0 = off
     max_examples: int = 200        # per task
+    max_heldout_examples: int = 0  # per held-out paraphrase; 0 = max_examples
     shots: int = 0                 # k in-context examples for the base model's k-shot baseline
     heldout: bool = True           # also evaluate on held-out instruction paraphrases
     max_new_tokens: int = 64
@@ -163,8 +166,9 @@ CHOICES = {
     "data.missing_field": ("skip", "error"),
     "data.batching": ("pad", "bucket", "pack"),
     "data.chat_format": ("chatml", "llama3"),
+    "data.prompt_format": ("auto", "chat", "plain"),
     "data.clean": ("", "html"),
-    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "checkpoint.export_gguf": ("", "f32", "f16", "bf16", "q8_0"),
 }
 
@@ -271,6 +275,7 @@ _RANGES = [
     ("data.synthetic.num_records", lambda v: v >= 1, ">= 1"),
     ("eval.every", lambda v: v >= 0, ">= 0 (0 = off)"),
     ("eval.max_examples", lambda v: v >= 0, ">= 0 (0 = all)"),
+    ("eval.max_heldout_examples", lambda v: v >= 0, ">= 0 (0 = eval.max_examples)"),
     ("eval.shots", lambda v: v >= 0, ">= 0"),
     ("eval.max_new_tokens", lambda v: v >= 1, ">= 1"),
     ("eval.batch_size", lambda v: v >= 1, ">= 1"),

@@ -34,8 +34,8 @@ from ftcore.examples import Example, example_stats, label_counts, tokenize_examp
 from ftcore.model import IGNORE_INDEX  # noqa: F401 (re-exported)
 from ftcore.records import (_PRIVATE, FORMATS, DataError, apply_rename, check_unique_ids,  # noqa: F401
                             ensure_record_ids, load_records, split_records)
-from ftcore.rendering import (CHAT_FORMATS, Rendered, balance_classes, record_format, render_chat,  # noqa: F401
-                              render_record, render_records)
+from ftcore.rendering import (CHAT_FORMATS, ChatTemplate, Rendered, balance_classes, record_format,  # noqa: F401
+                              render_chat, render_record, render_records)
 from ftcore.reviews import generate_reviews
 from ftcore.templates import DERIVED_FROM, Template, heldout_templates, resolve_templates
 
@@ -123,6 +123,21 @@ def clean_and_dedupe(records: list[dict], data_cfg, counts: dict | None = None) 
     return records
 
 
+def chat_template(data_cfg, tokenizer) -> ChatTemplate | None:
+    """The chat template instruction prompts are rendered in, per data.prompt_format: the model's own
+    (tokenizer_config.json's or the GGUF file's `chat_template`), or None for plain prompts."""
+    text = tokenizer.config.get("chat_template") if tokenizer is not None else None
+    if isinstance(text, list):  # [{"name": ..., "template": ...}]: the default one
+        text = next((t.get("template") for t in text if t.get("name") == "default"), None)
+    if data_cfg.prompt_format == "plain":
+        return None
+    if not text:
+        if data_cfg.prompt_format == "chat":
+            raise DataError("data.prompt_format=\"chat\", but the model's tokenizer has no chat_template")
+        return None
+    return ChatTemplate.recognise(text, where="the model's chat_template")
+
+
 def prepare_datasets(cfg, tokenizer, records: list[dict] | None = None, seed: int | None = None) -> Datasets:
     """cfg: a Config (seed = run.seed; padding share estimated with train.*) or a DataConfig.
     Training examples: each train record with each template, per weights (see render_records);
@@ -142,6 +157,7 @@ def prepare_datasets(cfg, tokenizer, records: list[dict] | None = None, seed: in
     if not records:
         raise DataError(f"{source}: no records")
     templates = resolve_templates(data_cfg)  # TemplateError for an unknown name
+    chat = chat_template(data_cfg, tokenizer)
     is_csv = source == data_cfg.path and \
         (data_cfg.format or FORMATS.get(Path(data_cfg.path).suffix.lower())) == "csv"
     check_fields(records, templates, data_cfg.rename, source, "column" if is_csv else "field")
@@ -149,13 +165,14 @@ def prepare_datasets(cfg, tokenizer, records: list[dict] | None = None, seed: in
     check_unique_ids(records)
     splits = dict(zip(("train", "validation", "test"), split_records(records, data_cfg.split, seed)))
     stats: dict[str, Any] = {"source": source, "seed": seed, "batching": data_cfg.batching,
+                             "prompt_format": chat.name if chat else "plain",
                              "max_seq_len": data_cfg.max_seq_len, "skipped_missing": {}, "splits": {},
                              "duplicates_dropped": counts.get("duplicates_dropped", 0)}
     examples = {}
     for name, recs in splits.items():
         skipped: dict[str, int] = {}
         rng = random.Random(seed) if name == "train" else None
-        rendered = render_records(recs, templates, chat_format=data_cfg.chat_format,
+        rendered = render_records(recs, templates, chat_format=data_cfg.chat_format, chat=chat,
                                   missing_field=data_cfg.missing_field, skipped=skipped, rng=rng,
                                   paraphrases=data_cfg.paraphrases)
         if rng is not None:
@@ -194,7 +211,8 @@ def heldout_examples(records_or_split, tokenizer, cfg) -> list[Example]:
     records = records_or_split.records["test"] if isinstance(records_or_split, Datasets) else records_or_split
     paraphrases = [(h, 1.0) for t, _ in resolve_templates(data_cfg) for h in heldout_templates(t.name)]
     plain = [r for r in records if record_format(r) is None]
-    rendered = render_records(plain, paraphrases, chat_format=data_cfg.chat_format, missing_field="skip")
+    rendered = render_records(plain, paraphrases, chat_format=data_cfg.chat_format,
+                              chat=chat_template(data_cfg, tokenizer), missing_field="skip")
     return tokenize_examples(rendered, tokenizer, max_seq_len=data_cfg.max_seq_len,
                              max_completion_tokens=data_cfg.max_completion_tokens, overlong=data_cfg.overlong)
 
@@ -209,7 +227,8 @@ def _shares(counts: dict[str, int]) -> str:
 
 def format_stats(stats: dict) -> str:
     """The table printed before training."""
-    lines = [f"data: {stats['source']}, split seed {stats['seed']}, max_seq_len {stats['max_seq_len']}"]
+    lines = [f"data: {stats['source']}, split seed {stats['seed']}, max_seq_len {stats['max_seq_len']}, "
+             f"prompts {stats.get('prompt_format', 'plain')}"]
     lines.append(f"  {'split':<11}{'records':>8}{'examples':>10}{'tokens':>12}{'compl. share':>14}"
                  f"{'mean len':>10}{'max len':>9}{'truncated':>11}")
     for name, s in stats["splits"].items():

@@ -116,35 +116,49 @@ def label_sets(examples, eos_ids) -> dict[str, LabelSet]:
 
 
 @torch.inference_mode()
+def continuation_logprobs(model, start, continuations: list[list[int]]) -> torch.Tensor:
+    """(B,) float64: log P(continuations[b] | prompt b), summed over its tokens, continuing from
+    the prompts' prefill (ftcore.generate.prefill; its cache is rewound first): the first token is
+    scored by the prefill's last logits, the rest by one forward of the continuations, right-padded
+    (each row's padding comes after its tokens, so it changes nothing they attend to)."""
+    cache, B = start.cache, len(continuations)
+    cache.length = start.length
+    device = start.last_logits.device
+    first = start.last_logits.float().log_softmax(-1)
+    rows = torch.arange(B, device=device)
+    score = first[rows, torch.tensor([c[0] for c in continuations], device=device)].double()
+    rest = max(len(c) for c in continuations) - 1
+    if rest > 0:
+        feed = torch.zeros((B, rest), dtype=torch.long)
+        target = torch.zeros((B, rest), dtype=torch.long)
+        valid = torch.zeros((B, rest), dtype=torch.bool)
+        for b, c in enumerate(continuations):
+            n = len(c) - 1
+            feed[b, :n], target[b, :n], valid[b, :n] = torch.tensor(c[:-1]), torch.tensor(c[1:]), True
+        feed, target, valid = feed.to(device), target.to(device), valid.to(device)
+        logits = model(feed, kv_cache=cache, attention_mask=valid,
+                       position_ids=start.next_pos + torch.arange(rest, device=device))
+        for b in range(0, B, 8):  # a few rows at a time: (rows, tokens, vocab) in fp32 is large
+            lp = logits[b:b + 8].float().log_softmax(-1).gather(-1, target[b:b + 8, :, None]).squeeze(-1)
+            score[b:b + 8] += (lp * valid[b:b + 8]).double().sum(-1)
+    return score
+
+
+@torch.inference_mode()
 def label_logprobs(model, prompts: list[list[int]], candidates: list[list[int]], pad_id: int,
                    batch_size: int, bar=None) -> torch.Tensor:
     """(len(prompts), len(candidates)) float64: log P(candidate tokens | prompt) under the model,
     summed over the candidate's tokens. Each batch of prompts is run once into a KV cache; every
-    candidate then continues from it (the cache is rewound between candidates), so a candidate of
-    n tokens costs n - 1 extra positions, and a one-token candidate none."""
-    from ftcore.generate import left_pad
-
-    device = next(model.parameters()).device
+    candidate then continues from it, so a candidate of n tokens costs n - 1 extra positions, and a
+    one-token candidate none."""
+    from ftcore.generate import prefill
     longest = max(len(c) for c in candidates)
     out = torch.empty(len(prompts), len(candidates), dtype=torch.float64)
     for s in range(0, len(prompts), batch_size):
-        ids, mask = left_pad(prompts[s:s + batch_size], pad_id, device)
-        B, L = ids.shape
-        cache = model.new_kv_cache(B, L + longest - 1, device=device)
-        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        first = model(ids, position_ids=position_ids, kv_cache=cache, attention_mask=mask)[:, -1]
-        first = first.float().log_softmax(-1)
-        next_pos = mask.sum(-1, keepdim=True)
+        batch = prompts[s:s + batch_size]
+        start = prefill(model, batch, pad_id, longest - 1)
         for c, cand in enumerate(candidates):
-            score = first[:, cand[0]].double()
-            if len(cand) > 1:
-                cache.length = L  # rewind: the candidate's tokens overwrite the previous one's
-                rest = torch.tensor(cand, device=device)
-                logits = model(rest[None, :-1].expand(B, -1), kv_cache=cache,
-                               position_ids=next_pos + torch.arange(len(cand) - 1, device=device))
-                lp = logits.float().log_softmax(-1).gather(-1, rest[None, 1:, None].expand(B, -1, 1))
-                score = score + lp.squeeze(-1).double().sum(-1)
-            out[s:s + B, c] = score.cpu()
+            out[s:s + len(batch), c] = continuation_logprobs(model, start, [cand] * len(batch)).cpu()
         if bar is not None:
             bar.update(1)
     return out
@@ -162,28 +176,37 @@ def rank_classify(model, prompts: list[list[int]], label_set: LabelSet, pad_id: 
 
 class _ShotBuilder:
     """k-shot prompts: up to k solved examples of the same task (prompt + completion, from the
-    training split) before the test example, separated by a blank line.
+    training split) before the test example, separated by a blank line; in a chat template, as
+    earlier user and assistant turns of the conversation.
 
     The shots must fit the context the model was trained on (`max_len`) together with the test
     example and the room its answer needs: candidates are drawn in a seeded random order and taken
     while they fit, so a long test prompt gets shorter or fewer shots; how many it got is returned,
     and the report says when it was fewer than k. The test example's own tokens stay exactly as in
-    zero-shot (only its bos moves to the front), so the difference between the two measures the
+    zero-shot (only its bos or system turn moves to the front), so the difference between the two measures the
     context alone. The loss is also computed with the shots in context (on the test completion only)."""
 
-    def __init__(self, tokenizer, pool, k: int, max_len: int, seed: int):
+    def __init__(self, tokenizer, pool, k: int, max_len: int, seed: int, chat=None):
         self.k, self.max_len, self.rng = k, max_len, random.Random(seed)
         self.bos = tokenizer.bos_id
         self.eos = set(tokenizer.eos_ids)
-        self.sep = tokenizer.encode("\n\n")
+        # plain prompts: solved examples a blank line apart; a chat: earlier user/assistant turns,
+        # each ending in its end-of-turn token, after the system turn
+        self.sep = tokenizer.encode(chat.format.sep) if chat is not None else tokenizer.encode("\n\n")
+        self.keep_end = chat is not None
         self.pool: dict[str, list] = defaultdict(list)
         for ex in pool:
             self.pool[ex.template].append(ex)
 
-    def _strip(self, ids: list[int]) -> list[int]:
-        start = 1 if self.bos is not None and ids[:1] == [self.bos] else 0
-        end = len(ids) - 1 if ids and ids[-1] in self.eos else len(ids)
-        return ids[start:end]
+    def _head_len(self, ex) -> int:
+        """Leading tokens of `ex` that stay in front of the shots (bos; a chat's system turn)."""
+        return ex.context_len or int(self.bos is not None and ex.input_ids[:1] == [self.bos])
+
+    def _body(self, shot) -> list[int]:
+        ids = shot.input_ids[self._head_len(shot):]
+        if not self.keep_end and ids and ids[-1] in self.eos:
+            ids = ids[:-1]
+        return ids + self.sep
 
     def __call__(self, ex, room_for_new: int) -> tuple[list[int], list[int], int, int]:
         """(input_ids, labels, prompt_len, shots used) of `ex` with up to k shots in front."""
@@ -192,34 +215,54 @@ class _ShotBuilder:
         pool = self.pool.get(ex.template) or self.pool.get(ex.task, [])
         # a bounded seeded draw, so a large pool costs no more than a small one
         drawn = self.rng.sample(pool, min(len(pool), 8 * self.k))
-        has_bos = self.bos is not None and ex.input_ids[:1] == [self.bos]
-        head, ids, labels = [self.bos] if has_bos else [], ex.input_ids[int(has_bos):], ex.labels[int(has_bos):]
+        n_head = self._head_len(ex)
+        head, ids, labels = ex.input_ids[:n_head], ex.input_ids[n_head:], ex.labels[n_head:]
         room = self.max_len - len(head) - len(ids) - room_for_new
         bodies = []
         for shot in drawn:
             if len(bodies) == self.k:
                 break
-            body = self._strip(shot.input_ids) + self.sep
+            body = self._body(shot)
             if shot.record_id != ex.record_id and len(body) <= room:
                 bodies.append(body)
                 room -= len(body)
         context = head + [t for b in bodies for t in b]
         return (context + ids, [IGNORE_INDEX] * len(context) + labels,
-                len(context) + ex.prompt_len - int(has_bos), len(bodies))
+                len(context) + ex.prompt_len - n_head, len(bodies))
 
 
-def _generate_batched(model, prompts, max_new_tokens, eos_ids, pad_id, batch_size, bar=None):
-    from ftcore.generate import generate
-    # batches of similar prompt length waste less compute on padding; results go back in order
+@torch.inference_mode()
+def _answer(model, prompts: list[list[int]], references: list[list[int]], label_set, new_tokens: int,
+            tokenizer, batch_size: int, bar=None):
+    """(loss sum, target tokens, greedy answers, ranked labels or None) for prompts of one task:
+    each batch of prompts runs through the model once (one prefill), and the reference
+    completion's loss, the label ranking and the greedy answer all continue from its cache.
+    Batches of similar prompt length waste less compute on padding; results go back in order."""
+    from ftcore.generate import generate, prefill
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[list[int]] = [[] for _ in prompts]
+    answers: list[list[int]] = [[] for _ in prompts]
+    ranked: list[int] = [0] * len(prompts)
+    total, count = 0.0, 0
+    longest_label = max((len(c) for c in label_set.ids), default=1) if label_set else 1
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        for i, ids in zip(idx, generate(model, [prompts[i] for i in idx], max_new_tokens, eos_ids, pad_id)):
-            out[i] = ids
+        batch, refs = [prompts[i] for i in idx], [references[i] for i in idx]
+        room = max(new_tokens - 1, max(len(r) for r in refs) - 1, longest_label - 1)
+        start = prefill(model, batch, tokenizer.pad_id, room)
+        scored = [i for i, r in enumerate(refs) if r]
+        if scored:
+            lp = continuation_logprobs(model, start, [refs[i] if refs[i] else [0] for i in range(len(refs))])
+            total -= float(lp[scored].sum())
+            count += sum(len(refs[i]) for i in scored)
+        if label_set is not None:
+            scores = torch.stack([continuation_logprobs(model, start, [cand] * len(batch)) for cand in label_set.ids], -1)
+            for i, best in zip(idx, scores.argmax(-1).tolist()):
+                ranked[i] = best
+        for i, ids in zip(idx, generate(model, batch, new_tokens, tokenizer.eos_ids, tokenizer.pad_id, start=start)):
+            answers[i] = ids
         if bar is not None:
             bar.update(1)
-    return out
+    return total, count, answers, ([label_set.names[r] for r in ranked] if label_set is not None else None)
 
 
 # an answer longer than the longest label by more than a few tokens (a space, a newline, a full
@@ -229,7 +272,7 @@ _LABEL_SLACK_TOKENS = 4
 
 def evaluate_model(model, tokenizer, examples, eval_cfg, device, shots_pool=None,
                    outputs: dict | None = None, seed: int = 0, progress: bool = True,
-                   label_pool=None, context_len: int | None = None) -> dict[str, dict]:
+                   label_pool=None, context_len: int | None = None, chat=None) -> dict[str, dict]:
     """{task: {metric: value}} for one model. Per task (= template): loss and perplexity of the
     completions (teacher forced), the mean prompt length in tokens, the kind's metrics on greedy
     outputs, and for classification the rank_* metrics over the task's label set, taken from
@@ -239,14 +282,14 @@ def evaluate_model(model, tokenizer, examples, eval_cfg, device, shots_pool=None
     `outputs` is a dict, it receives {task: [{"prompt", "reference", "output"}]}."""
     from tqdm import tqdm
 
-    tasks = group_by_task(examples, eval_cfg.max_examples)
+    tasks = group_by_task(examples, eval_cfg.max_examples, eval_cfg.max_heldout_examples)
     labels = label_sets(label_pool if label_pool is not None else examples, tokenizer.eos_ids)
     bs, max_new = eval_cfg.batch_size, eval_cfg.max_new_tokens
     shots = None
     if shots_pool is not None and eval_cfg.shots > 0:
         shots = _ShotBuilder(tokenizer, shots_pool, eval_cfg.shots,
-                             context_len or model.config.max_position_embeddings, seed)
-    n_batches = sum((2 + (exs[0].task in labels)) * math.ceil(len(exs) / bs) for exs in tasks.values())
+                             context_len or model.config.max_position_embeddings, seed, chat)
+    n_batches = sum(math.ceil(len(exs) / bs) for exs in tasks.values())
     bar = tqdm(total=n_batches, desc="eval" + (f" {eval_cfg.shots}-shot" if shots else ""),
                unit="batch", disable=not progress)
     was_training = model.training
@@ -262,18 +305,18 @@ def evaluate_model(model, tokenizer, examples, eval_cfg, device, shots_pool=None
             new_tokens = max_new if label_set is None else \
                 min(max_new, max(map(len, label_set.ids)) + _LABEL_SLACK_TOKENS)
             seqs = [shots(e, new_tokens) if shots else (e.input_ids, e.labels, e.prompt_len, 0) for e in exs]
-            total, n = _loss_sum(model, [(ids, labs) for ids, labs, _, _ in seqs], tokenizer.pad_id, bs, device, bar)
-            # the prompt as data.py cut it to fit (bos included, and the shots in k-shot)
+            # the prompt as data.py cut it to fit (bos included, and the shots in k-shot); the
+            # reference completion is what carries loss after it
             prompts = [ids[:prompt_len] for ids, _, prompt_len, _ in seqs]
-            generated = _generate_batched(model, prompts, new_tokens, tokenizer.eos_ids, tokenizer.pad_id, bs, bar)
+            references = [[t for t, lab in zip(ids[n:], labs[n:]) if lab != IGNORE_INDEX] for ids, labs, n, _ in seqs]
+            total, n, generated, ranked = _answer(model, prompts, references, label_set, new_tokens, tokenizer, bs, bar)
             predictions = [tokenizer.decode(g) for g in generated]
-            references = [e.completion for e in exs]
+            references_text = [e.completion for e in exs]
             loss = total / n if n else float("nan")
-            m = generation_metrics(kind, predictions, references, label_set.names if label_set else None)
+            m = generation_metrics(kind, predictions, references_text, label_set.names if label_set else None)
             if label_set is not None:
-                ranked = rank_classify(model, prompts, label_set, tokenizer.pad_id, bs, bar)
-                r = classification_metrics(ranked, references, label_set.names)
-                m.update(rank_accuracy=r["accuracy"], rank_macro_f1=r["macro_f1"])
+                r = classification_metrics(ranked, references_text, label_set.names)
+                m.update(rank_accuracy=r["accuracy"], rank_macro_f1=r["macro_f1"], label_set=label_set.names)
             m.update(loss=loss, perplexity=_perplexity(loss),
                      prompt_tokens=sum(map(len, prompts)) / len(prompts),  # the price of k shots
                      examples=len(exs))
@@ -283,8 +326,9 @@ def evaluate_model(model, tokenizer, examples, eval_cfg, device, shots_pool=None
                          short_of_shots=sum(k < eval_cfg.shots for k in used) / len(used))
             results[task] = m
             if outputs is not None:
-                outputs[task] = [{"prompt": e.prompt, "reference": e.completion, "output": p}
-                                 for e, p in zip(exs, predictions)]
+                outputs[task] = [{"prompt": e.prompt, "reference": e.completion, "output": p,
+                                  **({"ranked": ranked[i]} if ranked is not None else {})}
+                                 for i, (e, p) in enumerate(zip(exs, predictions))]
     finally:
         bar.close()
         model.train(was_training)
@@ -311,7 +355,7 @@ def eval_examples(cfg, tokenizer, datasets) -> tuple[list, list]:
     return test, pool
 
 
-def baseline_for_run(cfg, tokenizer, datasets) -> dict[str, dict]:
+def baseline_for_run(cfg, tokenizer, datasets, out_dir=None) -> dict[str, dict]:
     """{"baseline": baseline_results(...)} for a run's test examples (held-out paraphrases included)."""
     from ftcore.templates import HELDOUT, available_templates
 
@@ -319,8 +363,23 @@ def baseline_for_run(cfg, tokenizer, datasets) -> dict[str, dict]:
     templates = available_templates(cfg.data.user_templates)
     templates.update({t.name: t for ts in HELDOUT.values() for t in ts})
     records = {r["record_id"]: r for r in datasets.records.get("test", [])}
-    return {"baseline": baseline_results(test, datasets.train, records, templates, cfg.eval.max_examples,
-                                         datasets.stats.get("train_labels"))}
+    outputs: dict = {}
+    results = {"baseline": baseline_results(test, datasets.train, records, templates, cfg.eval.max_examples,
+                                            datasets.stats.get("train_labels"), outputs=outputs,
+                                            max_heldout_examples=cfg.eval.max_heldout_examples)}
+    write_generations(out_dir or cfg.run.dir, "baseline", outputs)  # per-example answers: the report's intervals resample them
+    return results
+
+
+def eval_dtype(cfg, model_dir, device) -> torch.dtype:
+    """model.dtype, with auto decided as train.precision=auto decides (the CPU probe, at the width
+    of this model and a batch of eval.batch_size prompts of 128 tokens)."""
+    if cfg.model.dtype != "auto":
+        return getattr(torch, cfg.model.dtype)
+    from ftcore.hardware import MatmulShape, auto_precision
+    from ftcore.hf import read_config
+    precision, _ = auto_precision(torch.device(device), MatmulShape.of(read_config(model_dir), cfg.eval.batch_size * 128))
+    return torch.float32 if precision == "fp32" else torch.bfloat16
 
 
 def evaluate_for_run(cfg, model_dir, tokenizer, datasets, device, base: bool,
@@ -329,9 +388,10 @@ def evaluate_for_run(cfg, model_dir, tokenizer, datasets, device, base: bool,
     {"base": ..., "base_kshot": ... (eval.shots > 0)} when base, else {section or "finetuned": ...}.
     Generations go to OUT_DIR/generations/ (default: run.dir). One process, no collectives: under torchrun call it on
     rank 0 while the other ranks wait at a barrier."""
+    from ftcore.data import chat_template
     from ftcore.model import Transformer
 
-    model = Transformer.from_pretrained(model_dir, dtype=getattr(torch, cfg.model.dtype), device=device).eval()
+    model = Transformer.from_pretrained(model_dir, dtype=eval_dtype(cfg, model_dir, device), device=device).eval()
     test, pool = eval_examples(cfg, tokenizer, datasets)
     runs = [("base", None), ("base_kshot", pool)] if base else [(section or "finetuned", None)]
     if base and cfg.eval.shots <= 0:
@@ -342,7 +402,7 @@ def evaluate_for_run(cfg, model_dir, tokenizer, datasets, device, base: bool,
         outputs: dict = {}
         results[name] = evaluate_model(model, tokenizer, test, cfg.eval, device, shots_pool=shots_pool,
                                        outputs=outputs, seed=cfg.run.seed, progress=cfg.log.progress,
-                                       label_pool=datasets.train)
+                                       label_pool=datasets.train, chat=chat_template(cfg.data, tokenizer))
         write_generations(out_dir or cfg.run.dir, name, outputs)
     del model
     return results
@@ -372,7 +432,7 @@ def run_eval(cfg, model_dirs: list[str], device=None, out_dir=None) -> dict:
     if out_dir is None:
         out_dir = Path(cfg.run.dir) if len(model_dirs) == 2 else \
             Path(cfg.run.dir) / f"eval-{Path(model_dirs[0]).resolve().name}"
-    results = baseline_for_run(cfg, tokenizer, datasets)
+    results = baseline_for_run(cfg, tokenizer, datasets, out_dir=out_dir)
     if len(model_dirs) == 2:
         results.update(evaluate_for_run(cfg, model_dirs[0], tokenizer, datasets, device, base=True, out_dir=out_dir))
     results.update(evaluate_for_run(cfg, model_dirs[-1], tokenizer, datasets, device, base=False, out_dir=out_dir))

@@ -29,6 +29,7 @@ class Example:
     labels: list[int]
     prompt_len: int
     truncated: bool = False
+    context_len: int = 0  # leading tokens shared by every example: bos, a chat template's system turn
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -72,16 +73,19 @@ def tokenize_examples(rendered: list[Rendered], tokenizer, *, max_seq_len: int =
     eos_ids = set(tokenizer.eos_ids)
     out, k = [], 0
     for r in rendered:
-        prefix, prefix_labels = [], []
-        for text, train in r.segments[:-1]:
+        prefix, prefix_labels, context = [], [], 0
+        for i, (text, train) in enumerate(r.segments[:-1]):
             ids = encoded[k]
             k += 1
             prefix += ids
             prefix_labels += ids if train else [IGNORE_INDEX] * len(ids)
+            if i < r.context_segments:
+                context += len(ids)
         comp = encoded[k]
         k += 1
         if add_bos and prefix[:1] == [bos_id]:  # the text had BOS already: keep exactly one
             prefix, prefix_labels = prefix[1:], prefix_labels[1:]
+            context = max(context - 1, 0)
         n_bos = 1 if add_bos else 0
         eos = [] if comp[-1:] and comp[-1] in eos_ids else [tokenizer.eos_id]  # chat turns may end in one
         truncated = False
@@ -98,6 +102,7 @@ def tokenize_examples(rendered: list[Rendered], tokenizer, *, max_seq_len: int =
             room = max_seq_len - n_bos - len(comp) - len(eos)
             if len(prefix) > room:
                 prefix, prefix_labels = _cut_middle(prefix, prefix_labels, room)
+                context = min(context, max(room, 0) // 2)  # _cut_middle keeps the head
                 counts["truncated_prompt"] += 1
                 truncated = True
 
@@ -105,7 +110,7 @@ def tokenize_examples(rendered: list[Rendered], tokenizer, *, max_seq_len: int =
         input_ids = bos + prefix + comp + eos
         labels = [IGNORE_INDEX] * n_bos + prefix_labels + comp + eos
         out.append(Example(r.record_id, r.template, r.kind, r.prompt, r.completion, input_ids, labels,
-                           n_bos + len(prefix), truncated))
+                           n_bos + len(prefix), truncated, n_bos + context))
     return out
 
 
@@ -131,11 +136,13 @@ def label_counts(examples) -> dict[str, dict[str, int]]:
     return {t: dict(sorted(c.items())) for t, c in counts.items()}
 
 
-def group_by_task(examples, max_examples: int = 0) -> dict[str, list]:
-    """Examples per task (template name, in order of first appearance), at most max_examples each."""
+def group_by_task(examples, max_examples: int = 0, max_heldout_examples: int = 0) -> dict[str, list]:
+    """Examples per task (template name, in order of first appearance), at most max_examples each
+    (0 = all); a held-out paraphrase ('rating@heldout1') at most max_heldout_examples (0 = as the others)."""
     tasks: dict[str, list] = {}
     for ex in examples:
         group = tasks.setdefault(ex.template, [])
-        if not max_examples or len(group) < max_examples:
+        cap = max_heldout_examples if "@" in ex.template and max_heldout_examples else max_examples
+        if not cap or len(group) < cap:
             group.append(ex)
     return tasks

@@ -9,10 +9,13 @@ batch gave it (tests check them against recomputing each row alone, unpadded).
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+
+from ftcore.model import KVCache
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
@@ -44,33 +47,52 @@ def left_pad(prompts: list[list[int]], pad_id: int, device=None):
     return ids.to(device), mask.to(device)
 
 
+@dataclass
+class Prefill:
+    """Prompts run once into a KV cache: what decoding, ranking labels and scoring a reference
+    continue from (each rewinds `cache.length` to `length` first)."""
+    cache: KVCache
+    last_logits: torch.Tensor   # (B, V): the distribution of each prompt's next token
+    next_pos: torch.Tensor      # (B, 1): each row's next position (its real tokens so far)
+    length: int                 # padded prompt length L
+
+
+@torch.inference_mode()
+def prefill(model, prompts: list[list[int]], pad_id: int, room: int) -> Prefill:
+    """Left-padded prompts through the model into a cache with `room` slots after them."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, pad_id, device)
+    B, L = ids.shape
+    cache = model.new_kv_cache(B, L + max(room, 0), device=device)
+    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    logits = model(ids, position_ids=position_ids, kv_cache=cache, attention_mask=mask, last_only=True)[:, -1]
+    return Prefill(cache, logits, mask.sum(-1, keepdim=True), L)
+
+
 @torch.inference_mode()
 def decode_steps(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int], pad_id: int,
                  temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None) -> Iterator[tuple[list[int | None], torch.Tensor]]:
+                 seed: int | None = None, start: Prefill | None = None) -> Iterator[tuple[list[int | None], torch.Tensor]]:
     """The decoding loop. Yields once per step (tokens, logits): tokens[b] is row b's new token,
     or None once the row has finished (it produced an eos id earlier); logits (B, V) are what the
-    tokens were chosen from. A row's eos token is yielded, and is its last."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate: every prompt needs at least one token")
+    tokens were chosen from. A row's eos token is yielded, and is its last. `start`: the prompts'
+    prefill, already run (with room for max_new_tokens - 1 more tokens)."""
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
     if max_new_tokens <= 0:
         return
-    device = next(model.parameters()).device
+    # the last sampled token is never fed back, hence - 1
+    p = start or prefill(model, prompts, pad_id, max_new_tokens - 1)
+    device = p.last_logits.device
     generator = None
     if seed is not None and temperature > 0:
         generator = torch.Generator(device=device).manual_seed(seed)
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
-
-    ids, mask = left_pad(prompts, pad_id, device)
-    B, L = ids.shape
-    # the last sampled token is never fed back, hence - 1
-    cache = model.new_kv_cache(B, L + max_new_tokens - 1, device=device)
-    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    logits = model(ids, position_ids=position_ids, kv_cache=cache, attention_mask=mask)[:, -1]
-    next_pos = mask.sum(-1, keepdim=True)  # (B, 1): a row's next position = its real tokens so far
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    cache, logits, next_pos = p.cache, p.last_logits, p.next_pos
+    cache.length = p.length
+    finished = torch.zeros(len(logits), dtype=torch.bool, device=device)
 
     for step in range(max_new_tokens):
         tok = sample(logits, temperature, top_p, generator)
@@ -87,12 +109,12 @@ def decode_steps(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: 
 
 def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int], pad_id: int,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-             on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+             on_token: Callable[[int, int], None] | None = None, start: Prefill | None = None) -> list[list[int]]:
     """Generated ids per prompt (prompt and eos excluded). Each row stops at its first eos id or
     after max_new_tokens. on_token(row, token_id) is called as tokens are produced (not for eos)."""
     out: list[list[int]] = [[] for _ in prompts]
     stop = set(eos_ids)
-    for tokens, _ in decode_steps(model, prompts, max_new_tokens, eos_ids, pad_id, temperature, top_p, seed):
+    for tokens, _ in decode_steps(model, prompts, max_new_tokens, eos_ids, pad_id, temperature, top_p, seed, start):
         for row, t in enumerate(tokens):
             if t is None or t in stop:
                 continue

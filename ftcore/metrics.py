@@ -64,16 +64,20 @@ def _rouge_l(ref: list[str], hyp: list[str]) -> float:
     return _f1(lcs / len(hyp), lcs / len(ref))
 
 
+def rouge_scores(prediction: str, reference: str) -> dict[str, float]:
+    """One pair's ROUGE-1, ROUGE-2 and ROUGE-L F1."""
+    p, r = _rouge_tokens(prediction), _rouge_tokens(reference)
+    return {"rouge1": _rouge_n(r, p, 1), "rouge2": _rouge_n(r, p, 2), "rougeL": _rouge_l(r, p)}
+
+
 def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
     """Mean over pairs of each pair's ROUGE-1, ROUGE-2 and ROUGE-L F1 (0-1), no stemming."""
     if len(predictions) != len(references):
         raise ValueError(f"rouge: {len(predictions)} predictions vs {len(references)} references")
     totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
     for pred, ref in zip(predictions, references):
-        p, r = _rouge_tokens(pred), _rouge_tokens(ref)
-        totals["rouge1"] += _rouge_n(r, p, 1)
-        totals["rouge2"] += _rouge_n(r, p, 2)
-        totals["rougeL"] += _rouge_l(r, p)
+        for k, v in rouge_scores(pred, ref).items():
+            totals[k] += v
     n = max(len(predictions), 1)
     return {k: v / n for k, v in totals.items()}
 
@@ -104,20 +108,21 @@ def _bleu_tokens(line: str) -> list[str]:
     return line.split()
 
 
-def bleu(predictions: list[str], references: list[str], max_order: int = 4) -> float:
-    """Corpus BLEU (0-100) with one reference per prediction: sacrebleu's default definition
-    (13a tokenizer, case-sensitive, 'exp' smoothing, brevity penalty over the whole corpus)."""
-    if len(predictions) != len(references):
-        raise ValueError(f"bleu: {len(predictions)} predictions vs {len(references)} references")
-    correct, total = [0] * max_order, [0] * max_order
-    hyp_len = ref_len = 0
-    for pred, ref in zip(predictions, references):
-        h, r = _bleu_tokens(pred), _bleu_tokens(ref)
-        hyp_len, ref_len = hyp_len + len(h), ref_len + len(r)
-        for n in range(1, max_order + 1):
-            hn, rn = _ngrams(h, n), _ngrams(r, n)
-            total[n - 1] += sum(hn.values())
-            correct[n - 1] += sum((hn & rn).values())
+def bleu_stats(prediction: str, reference: str, max_order: int = 4) -> list[int]:
+    """One pair's sufficient statistics: [hyp_len, ref_len, correct_1..n, total_1..n]; corpus BLEU
+    is bleu_from_stats of their sum (so a bootstrap resamples pairs without re-tokenising)."""
+    h, r = _bleu_tokens(prediction), _bleu_tokens(reference)
+    correct, total = [], []
+    for n in range(1, max_order + 1):
+        hn, rn = _ngrams(h, n), _ngrams(r, n)
+        total.append(sum(hn.values()))
+        correct.append(sum((hn & rn).values()))
+    return [len(h), len(r), *correct, *total]
+
+
+def bleu_from_stats(stats, max_order: int = 4) -> float:
+    hyp_len, ref_len = stats[0], stats[1]
+    correct, total = stats[2:2 + max_order], stats[2 + max_order:2 + 2 * max_order]
     if not any(correct):
         return 0.0
     bp = 1.0 if hyp_len >= ref_len else (math.exp(1 - ref_len / hyp_len) if hyp_len > 0 else 0.0)
@@ -134,6 +139,17 @@ def bleu(predictions: list[str], references: list[str], max_order: int = 4) -> f
     if min(precisions) == 0.0:
         return 0.0
     return bp * math.exp(sum(math.log(p) for p in precisions) / max_order)
+
+
+def bleu(predictions: list[str], references: list[str], max_order: int = 4) -> float:
+    """Corpus BLEU (0-100) with one reference per prediction: sacrebleu's default definition
+    (13a tokenizer, case-sensitive, 'exp' smoothing, brevity penalty over the whole corpus)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"bleu: {len(predictions)} predictions vs {len(references)} references")
+    summed = [0] * (2 + 2 * max_order)
+    for pred, ref in zip(predictions, references):
+        summed = [a + b for a, b in zip(summed, bleu_stats(pred, ref, max_order))]
+    return bleu_from_stats(summed, max_order)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,3 +248,62 @@ def generation_metrics(kind: str, predictions: list[str], references: list[str],
 def natural_order(name: str):
     """Sort key for labels: numbers by value ("2" before "10"), then names."""
     return (0, int(name), "") if name.isdigit() else (1, 0, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# 95 % intervals: the bootstrap over test examples, paired between models
+
+BOOTSTRAP_RESAMPLES = 1000
+
+
+class Resampler:
+    """A task's headline metric computed on resamples of its test examples: the same resamples
+    (seeded; counts drawn with replacement) for every model, so two models' difference gets a paired
+    interval — what a comparison on one test set can claim, since both models saw the same hard
+    and easy examples. kind: classification (macro-F1), summarization (ROUGE-L), generation /
+    translation (corpus BLEU, from per-pair statistics)."""
+
+    def __init__(self, kind: str, references: list[str], labels: list[str] | None = None,
+                 resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0):
+        import numpy as np
+        self.kind, self.references = kind, [r.strip() for r in references]
+        n = len(references)
+        self.counts = np.random.default_rng(seed).multinomial(n, [1.0 / n] * n, size=resamples).astype(np.float64) \
+            if n else np.zeros((resamples, 0))
+        if kind == "classification":
+            self.refs = [normalize_label(r) for r in self.references]
+            known = list(dict.fromkeys(labels if labels is not None else sorted(set(self.refs))))
+            self.known = set(known)
+            self.label_order = known + sorted(set(self.refs) - self.known)
+
+    def values(self, predictions: list[str]):
+        """The metric on every resample (an array of `resamples` values)."""
+        import numpy as np
+        predictions = [p.strip() for p in predictions]
+        if len(predictions) != len(self.references):
+            raise ValueError(f"{len(predictions)} predictions for {len(self.references)} references")
+        W = self.counts
+        if self.kind == "classification":
+            preds = [normalize_label(p) for p in predictions]
+            preds = [p if p in self.known else OFF_LABEL for p in preds]
+            # the classes macro_f1 averages over: those among the references or the answers
+            classes = [c for c in self.label_order if c in set(self.refs) | set(preds)]
+            ref, pred = np.array(self.refs, dtype=object), np.array(preds, dtype=object)
+            f1 = []
+            for c in classes:
+                tp = W @ ((ref == c) & (pred == c)).astype(np.float64)
+                support, predicted = W @ (ref == c).astype(np.float64), W @ (pred == c).astype(np.float64)
+                denom = support + predicted
+                f1.append(np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0))
+            return np.mean(f1, axis=0) if f1 else np.zeros(len(W))
+        if self.kind == "summarization":
+            scores = np.array([rouge_scores(p, r)["rougeL"] for p, r in zip(predictions, self.references)])
+            return W @ scores / max(len(scores), 1)
+        stats = np.array([bleu_stats(p, r) for p, r in zip(predictions, self.references)], dtype=np.float64)
+        return np.array([bleu_from_stats(row) for row in W @ stats])
+
+    @staticmethod
+    def interval(values) -> tuple[float, float]:
+        import numpy as np
+        lo, hi = np.percentile(values, [2.5, 97.5])
+        return float(lo), float(hi)

@@ -339,7 +339,11 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, attention_mask: torch.Tensor | None = None):
+                kv_cache: KVCache | None = None, attention_mask: torch.Tensor | None = None,
+                last_only: bool = False):
+        """Logits (B, T, V), or with labels (loss_sum, n_target_tokens); last_only: logits of the
+        last position only, (B, 1, V) (a prefill that decodes on: the lm_head of every prompt
+        position would cost as much as a tenth of the model, and (B, T, V) floats of memory)."""
         B, T = input_ids.shape
         start = kv_cache.length if kv_cache is not None else 0
         sw = self.config.sliding_window
@@ -365,7 +369,7 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T
-        h = self.norm(x)
+        h = self.norm(x[:, -1:] if last_only and labels is None else x)
 
         if labels is None:
             return self.lm_head(h)

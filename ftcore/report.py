@@ -61,20 +61,34 @@ def _cell(text: str) -> str:
     return text.strip().replace("|", "\\|").replace("\n", "<br>") or "*(empty)*"
 
 
+def _ci(ci) -> str:
+    return f"[{ci[0]:+.3g}, {ci[1]:+.3g}]"
+
+
 def _verdict(task: str, results: dict, metric: str) -> str:
-    """What the fine-tuned model's headline number means next to the baseline and the base."""
+    """What the fine-tuned model's headline number means next to the baseline and the base: with
+    paired intervals, "better" only where the whole 95 % interval of the difference is above 0."""
     ft = results.get("finetuned", {}).get(task, {})
     if metric not in ft:
         return "–"
     notes = []
-    baseline = results.get("baseline", {}).get(task, {})
-    if metric in baseline:
-        gain = ft[metric] - baseline[metric]
-        notes.append(f"**{gain:+.3g} over the baseline**" if gain > 0 else f"not better than the baseline ({gain:+.3g})")
-    bases = [results[s][task][m] for s in ("base", "base_kshot") for m in (metric, f"rank_{metric}")
-             if m in results.get(s, {}).get(task, {})]
-    if bases:
-        notes.append(f"{ft[metric] - max(bases):+.3g} over the best base score")
+    vs = ft.get("vs", {})
+    names = {"baseline": "the baseline", "base": "the base", "base_kshot": "the base k-shot"}
+    if vs:
+        for other, c in vs.items():
+            how = " (ranked)" if c["against"] == "ranked" else ""
+            text = {"better": f"**better than {names[other]}{how}**", "worse": f"worse than {names[other]}{how}",
+                    "tie": f"a tie with {names[other]}{how}"}[c["verdict"]]
+            notes.append(f"{text}: {c['diff']:+.3g} {_ci(c['ci'])}")
+    else:  # no per-example answers to pair: the point estimates only
+        baseline = results.get("baseline", {}).get(task, {})
+        if metric in baseline:
+            gain = ft[metric] - baseline[metric]
+            notes.append(f"**{gain:+.3g} over the baseline**" if gain > 0 else f"not better than the baseline ({gain:+.3g})")
+        bases = [results[s][task][m] for s in ("base", "base_kshot") for m in (metric, f"rank_{metric}")
+                 if m in results.get(s, {}).get(task, {})]
+        if bases:
+            notes.append(f"{ft[metric] - max(bases):+.3g} over the best base score")
     # a classifier that learned one answer; a writer that repeats one text (a fifth is already a lot)
     if ft.get("top_output_share", 0) >= (0.8 if metric == "macro_f1" else 0.2):
         what = "one answer" if metric == "macro_f1" else "the same output"
@@ -96,14 +110,17 @@ def _summary(results: dict, tasks: list[str], titles: dict[str, str], sections: 
         for key, verdict_metric, how in rows:
             cells = [task, metric.replace("_", "-") + (f" ({how})" if how else "")]
             for s in sections:
-                v = results[s].get(task, {}).get(key if s != "baseline" else metric)
-                cells.append("–" if v is None else _fmt(metric, v))
+                k = key if s != "baseline" else metric
+                v, ci = results[s].get(task, {}).get(k), results[s].get(task, {}).get(f"{k}_ci")
+                cells.append("–" if v is None else _fmt(metric, v) + (f" [{_fmt(metric, ci[0])}, {_fmt(metric, ci[1])}]" if ci else ""))
             if "finetuned" in sections:
                 cells.append(_verdict(task, results, verdict_metric) if how != "ranked" else "")
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "macro-F1 (answer) scores the answer each model writes; (ranked) scores the label the model "
               "finds most likely among the task's labels, the fair number for a base model that cannot "
-              "format an answer."]
+              "format an answer. [lo, hi]: 95 % bootstrap intervals over the test examples; a verdict's "
+              "interval is the paired one of the difference (the same resamples for both models), and "
+              "\"better\" means all of it is above 0."]
     if "base_kshot" in results:
         short = [(t, m) for t, m in results["base_kshot"].items() if m.get("short_of_shots", 0) > 0]
         if short:
@@ -217,17 +234,67 @@ def read_generations(run_dir, sections) -> dict[str, dict[str, list[dict]]]:
     return out
 
 
+KIND_OF = {"macro_f1": "classification", "rougeL": "summarization", "bleu": "generation"}
+_COMPARED = ("baseline", "base", "base_kshot")  # what the fine-tuned model is compared with
+
+
+def add_intervals(results: dict, generations: dict[str, dict[str, list[dict]]], seed: int = 0) -> None:
+    """Adds to `results`, from the per-example answers in `generations` ({section: {task: rows}}):
+    HEADLINE_ci = [lo, hi], the 95 % bootstrap interval of each section's headline metric (and
+    rank_HEADLINE_ci for ranked labels), and under finetuned[task]["vs"][other] the paired interval
+    of the fine-tuned model's headline minus the other's (its answer or its ranked labels, whichever
+    scores higher), with a verdict: "better" only when the whole interval is above 0."""
+    from ftcore.metrics import Resampler
+    for task in dict.fromkeys(t for sec in results.values() for t in sec):
+        some = next(results[s][task] for s in results if task in results[s])
+        metric = HEADLINE.get(_kind(some))
+        rows = {s: generations[s][task] for s in results if task in generations.get(s, {}) and task in results[s]}
+        if metric is None or not rows:
+            continue
+        refs = next(iter(rows.values()))
+        if any([r["reference"] for r in v] != [r["reference"] for r in refs] for v in rows.values()):
+            continue  # not the same examples in the same order: nothing to pair
+        labels = some.get("label_set")
+        sampler = Resampler(KIND_OF[metric] if metric != "bleu" else "generation", [r["reference"] for r in refs],
+                            labels, seed=seed)
+        values = {}
+        for s, v in rows.items():
+            values[(s, metric)] = sampler.values([r["output"] for r in v])
+            results[s][task][f"{metric}_ci"] = list(sampler.interval(values[(s, metric)]))
+            if all("ranked" in r for r in v):
+                values[(s, f"rank_{metric}")] = sampler.values([r["ranked"] for r in v])
+                results[s][task][f"rank_{metric}_ci"] = list(sampler.interval(values[(s, f"rank_{metric}")]))
+        if ("finetuned", metric) not in values:
+            continue
+        ft = values[("finetuned", metric)]
+        vs = {}
+        for other in _COMPARED:
+            keys = [k for k in values if k[0] == other]
+            if not keys:
+                continue
+            key = max(keys, key=lambda k: results[other][task].get(k[1], float("-inf")))
+            diff = ft - values[key]
+            lo, hi = sampler.interval(diff)
+            vs[other] = {"metric": metric, "against": "ranked" if key[1].startswith("rank_") else "answer",
+                         "diff": results["finetuned"][task][metric] - results[other][task][key[1]],
+                         "ci": [lo, hi], "verdict": "better" if lo > 0 else "worse" if hi < 0 else "tie"}
+        results["finetuned"][task]["vs"] = vs
+
+
 def write_report(run_dir, results: dict, samples=None, n_samples: int = 3, shots: int | None = None) -> str:
     """Writes RUN_DIR/eval.json ({section: {task: {metric: value}}}, sections baseline / base /
-    base_kshot / finetuned as present) and RUN_DIR/eval.md; returns the markdown. samples=None
-    takes the first n_samples generations per task from RUN_DIR/generations/ (see
-    evaluate_for_run). eval.md shows RUN_DIR/curves.png when it exists."""
+    base_kshot / finetuned as present, with the intervals of add_intervals) and RUN_DIR/eval.md;
+    returns the markdown. The intervals and samples=None (the first n_samples generations per task)
+    come from RUN_DIR/generations/ (see evaluate_for_run). eval.md shows RUN_DIR/curves.png when it
+    exists."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ordered = {s: results[s] for s in SECTIONS if s in results}
     ordered.update({s: v for s, v in results.items() if s not in ordered})
+    generations = read_generations(run_dir, list(ordered))
+    add_intervals(ordered, generations)
     if samples is None:
-        samples = pick_samples(read_generations(run_dir, [s for s in ordered if s != "baseline"]), n_samples)
+        samples = pick_samples({s: g for s, g in generations.items() if s != "baseline"}, n_samples)
     write_atomic(run_dir / "eval.json", json.dumps(ordered, indent=2) + "\n")
     md = format_report(ordered, samples, shots, curves=CURVES if (run_dir / CURVES).is_file() else None)
     write_atomic(run_dir / "eval.md", md)

@@ -103,6 +103,8 @@ class Tokenizer:
         except Exception as e:  # the Rust error is one line already
             raise TokenizerError(f"{tj}: cannot load: {e}") from None
         config = _read_json(path / "tokenizer_config.json")
+        if "chat_template" not in config and (path / "chat_template.jinja").is_file():  # transformers >= 4.43 saves it apart
+            config["chat_template"] = (path / "chat_template.jinja").read_text(encoding="utf-8")
         special = _read_json(path / "special_tokens_map.json")
         gen = _read_json(path / "generation_config.json")
 

@@ -21,7 +21,7 @@ from ftcore import checkpoint as ckpt
 from ftcore.config import Config, ConfigError, accumulation_steps, check_kernels, to_toml
 from ftcore.data import Datasets, Example, StepSampler, collate, format_stats, micro_batches, prepare_datasets
 from ftcore.files import write_atomic
-from ftcore.hardware import MatmulShape, resolve_auto
+from ftcore.hardware import MatmulShape, keep_freed_memory, resolve_auto
 from ftcore.hf import read_config
 from ftcore.memory import AllocationTrace, PeakRSSGrowth, peak_mem_bytes
 from ftcore.model import IGNORE_INDEX, Transformer
@@ -187,6 +187,8 @@ def train(cfg: Config) -> dict:
     """One run in cfg.run.dir, holding its lock (ftcore.rundir) from start to end: set-up (checks,
     base model, data, base evaluation), the fine-tuning loop, finish (export, evaluation, report)."""
     proc = init_distributed(cfg.train.device, need_group=use_fsdp(cfg, 1), cpu_collectives=cfg.train.cpu_offload)
+    if proc.device.type == "cpu" and (said := keep_freed_memory()) and proc.is_main:
+        print(said, flush=True)
     validate_switches(cfg, proc.device, accumulation_steps(cfg, proc.world_size))  # before anything is written
     lock = RunLock(Path(cfg.run.dir)) if proc.is_main else None
     try:

@@ -49,7 +49,7 @@ TASKS = {  # template -> (kind, [(prompt, completion)])
 }
 DIVERSITY = {"distinct_share", "top_output_share"}
 CLASSIFICATION = {"accuracy", "macro_f1", "off_label_share", "top_output_share", "recall", "confusion"}
-EXPECTED = {"classification": CLASSIFICATION | {"rank_accuracy", "rank_macro_f1"},
+EXPECTED = {"classification": CLASSIFICATION | {"rank_accuracy", "rank_macro_f1", "label_set"},
             "summarization": {"rouge1", "rouge2", "rougeL"} | DIVERSITY,
             "generation": {"bleu", "rougeL"} | DIVERSITY, "translation": {"bleu", "rougeL"} | DIVERSITY}
 COMMON = {"loss", "perplexity", "prompt_tokens", "examples"}
@@ -94,6 +94,31 @@ def test_normalize_label_and_metrics():
     assert set(generation_metrics("classification", ["a"], ["b"])) == CLASSIFICATION
     with pytest.raises(ValueError):
         generation_metrics("poetry", ["a"], ["b"])
+
+
+def test_one_prefill_gives_what_separate_passes_give(tok):
+    """evaluate_model runs each prompt once and continues from its cache for the loss, the ranked
+    labels and the answer: the same numbers as the teacher-forced loss, rank_classify and generate
+    run on their own (batch sizes that pad differently included)."""
+    from ftcore.evaluate import label_sets
+    from ftcore.generate import generate
+    model = tiny_model(tok.vocab_size)
+    examples = make_examples(tok)
+    for bs in (1, 3):
+        cfg = EvalConfig(max_examples=0, shots=0, max_new_tokens=6, batch_size=bs)
+        outputs = {}
+        results = evaluate_model(model, tok, examples, cfg, "cpu", outputs=outputs, progress=False)
+        labels = label_sets(examples, tok.eos_ids)
+        for task, m in results.items():
+            exs = [e for e in examples if e.template == task]
+            loss, _, _ = completion_loss(model, exs, tok.pad_id, 4, "cpu")
+            assert m["loss"] == pytest.approx(loss, rel=1e-5), task
+            new = 6 if task not in labels else min(6, max(map(len, labels[task].ids)) + 4)
+            alone = [tok.decode(g) for g in generate(model, [e.prompt_ids for e in exs], new, tok.eos_ids, tok.pad_id)]
+            assert [o["output"] for o in outputs[task]] == alone, task
+            if task in labels:
+                assert [o["ranked"] for o in outputs[task]] == rank_classify(
+                    model, [e.prompt_ids for e in exs], labels[task], tok.pad_id, 2), task
 
 
 def test_evaluate_model_reports_every_metric_per_kind(tok):
@@ -273,10 +298,20 @@ def test_run_eval_end_to_end(tmp_path):
                 assert HEADLINE[kind] in m
             else:
                 extra = {"shots", "short_of_shots"} if name == "base_kshot" else set()
+                # the 95 % bootstrap intervals of the headline (and of the ranked labels), and the
+                # fine-tuned model's paired comparisons
+                extra |= {f"{HEADLINE[kind]}_ci"} | ({f"rank_{HEADLINE[kind]}_ci"} if kind == "classification" else set())
+                extra |= {"vs"} if name == "finetuned" else set()
                 assert set(m) == EXPECTED[kind] | COMMON | extra
+                lo, hi = m[f"{HEADLINE[kind]}_ci"]
+                assert lo <= m[HEADLINE[kind]] + 1e-9 and m[HEADLINE[kind]] <= hi + 1e-9
             assert m["examples"] == 2
     for task in tasks:
         assert data["base_kshot"][task]["prompt_tokens"] > data["base"][task]["prompt_tokens"]
+        vs = data["finetuned"][task]["vs"]
+        assert set(vs) == {"baseline", "base", "base_kshot"}
+        for c in vs.values():
+            assert c["verdict"] in ("better", "worse", "tie") and c["ci"][0] <= c["ci"][1]
     md = (tmp_path / "run" / "eval.md").read_text()
     assert "base 1-shot" in md and md.count("### ") == len(tasks)
     assert "## Summary" in md and "| baseline |" in md
@@ -324,10 +359,10 @@ class Bigram(torch.nn.Module):
             length = 0
         return Cache()
 
-    def forward(self, input_ids, position_ids=None, kv_cache=None, attention_mask=None):
+    def forward(self, input_ids, position_ids=None, kv_cache=None, attention_mask=None, last_only=False):
         if kv_cache is not None:
             kv_cache.length += input_ids.shape[1]
-        return self.logits[input_ids]
+        return self.logits[input_ids[:, -1:] if last_only else input_ids]
 
 
 def test_rank_classification_by_hand():
@@ -399,3 +434,50 @@ def test_baselines_majority_and_lead(tok):
     assert m["rougeL"] == pytest.approx(generation_metrics("summarization", ["The battery"], ["Lasts all day"])["rougeL"])
     # a review-writing prompt shows the title: that is its source
     assert lead_source({"summary": "Nice", "rating": 5, "text": "long text"}, BUILTIN["review"]) == "Nice"
+
+
+def _rows(references, answers):
+    return [{"prompt": "p", "reference": r, "output": a} for r, a in zip(references, answers)]
+
+
+def test_the_report_calls_a_difference_inside_its_interval_a_tie(tmp_path):
+    """A model a hair below the lead baseline on one test set (better on some examples, worse on a
+    few more) is a tie, not "worse" and not "better"; a gain whose paired interval excludes 0 is
+    "better"; the majority-class answer gets its low macro-F1 with an interval."""
+    import random
+
+    from ftcore.metrics import classification_metrics, rouge
+    from ftcore.report import write_generations, write_report
+    rng = random.Random(0)
+    words = ["great", "tasty", "dog", "food", "coffee", "bad"]
+    refs = [" ".join(rng.choice(words) for _ in range(3)) for _ in range(300)]
+    lead = [r.split()[0] + " x y" for r in refs]                   # ROUGE-L 1/3 on every example
+    near = [r if i in (5, 40, 90, 200) else "zzz x y" if i in (1, 50, 60, 70, 80, 100, 150, 250, 299) else l
+            for i, (r, l) in enumerate(zip(refs, lead))]           # 4 better, 9 worse: -0.0011 in all
+    good = [r if i % 2 else lead[i] for i, r in enumerate(refs)]  # half the summaries exact
+    labels = [rng.choice(["positive"] * 6 + ["negative", "neutral"]) for _ in range(300)]
+
+    def results_of(run, sections):
+        out = {}
+        for section, (summaries, answers) in sections.items():
+            write_generations(run, section, {"summary": _rows(refs, summaries),
+                                             **({"sentiment": _rows(labels, answers)} if answers else {})})
+            out[section] = {"summary": {**rouge(summaries, refs), "examples": 300}}
+            if answers:
+                out[section]["sentiment"] = {**classification_metrics(answers, labels),
+                                             "label_set": ["negative", "neutral", "positive"], "examples": 300}
+        return out
+
+    tie = results_of(tmp_path / "tie", {"baseline": (lead, None), "finetuned": (near, None)})
+    md = write_report(tmp_path / "tie", tie)
+    c = tie["finetuned"]["summary"]["vs"]["baseline"]
+    assert -0.002 < c["diff"] < 0 and c["ci"][0] < 0 < c["ci"][1] and c["verdict"] == "tie", c
+    assert "a tie with the baseline" in md and "better than" not in md
+
+    win = results_of(tmp_path / "win", {"baseline": (lead, ["positive"] * 300), "finetuned": (good, labels)})
+    md = write_report(tmp_path / "win", win)
+    assert win["finetuned"]["summary"]["vs"]["baseline"]["verdict"] == "better"
+    assert win["finetuned"]["sentiment"]["vs"]["baseline"]["verdict"] == "better"
+    lo, hi = win["baseline"]["sentiment"]["macro_f1_ci"]
+    assert lo <= win["baseline"]["sentiment"]["macro_f1"] <= hi < 0.35  # always "positive"
+    assert "**better than the baseline**" in md and "[lo, hi]" in md

@@ -32,7 +32,8 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tok(setup) -> Tokenizer:
     t = Tokenizer.from_dir(setup / "base")
-    t.config["chat_template"] = "{% for m in messages %}<|begin_of_text|>{{ m['content'] }}{% endfor %}"
+    t.config["chat_template"] = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+                                 "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
     return t
 
 
