@@ -105,11 +105,40 @@ class Row:
     fsdp: bool = False
     liger: bool = False
     kernels: str = ""                 # ftcore: "triton" = fused RMSNorm, RoPE and SwiGLU (train.kernels)
+    # the memory strategies (train.*): bf16 AdamW states with stochastic rounding, the optimizer
+    # stepped in backward, activations offloaded to pinned CPU memory, FSDP2 CPU offload
+    states_bf16: bool = False
+    optimizer_in_backward: bool = False
+    activation_offload: bool = False
+    cpu_offload: bool = False
 
     @property
     def slow(self) -> bool:
         return self.compile or self.loss == "compile"
 
+
+_RUNGS = [  # (name, what it adds, the keys it sets)
+    ("ladder-loss", "+ fused Triton loss (labelled rows only)", dict(loss="triton")),
+    ("ladder-ac", "+ full activation checkpointing", dict(ac="full")),
+    ("ladder-bf16", "+ pure bf16 weights and gradients, bf16 AdamW states, stochastic rounding",
+     dict(precision="bf16", states_bf16=True)),
+    ("ladder-oib", "+ optimizer step in backward (each gradient freed as it is used)", dict(optimizer_in_backward=True)),
+    ("ladder-offload", "+ activations offloaded to pinned CPU memory", dict(activation_offload=True)),
+    ("ladder-cpu", "+ FSDP2 CPU offload of parameters, gradients and optimizer states",
+     dict(fsdp=True, cpu_offload=True)),
+]
+
+
+def _ladder() -> list["Row"]:
+    rows, keys = [], {}
+    for name, what, adds in _RUNGS:
+        keys.update(adds)
+        rows.append(Row(name, what, **keys))
+    return rows
+
+
+LADDER = _ladder()
+LADDER_ROWS = ["baseline"] + [r.name for r in LADDER]
 
 ROWS = [
     Row("baseline", "fp32 master + bf16 autocast, no AC, torch loss"),
@@ -133,6 +162,8 @@ ROWS = [
     Row("hf-gc", "hf + gradient checkpointing", impl="hf", ac="full"),
     Row("hf-liger", "hf + Liger Kernel", impl="hf", liger=True),
     Row("hf-liger-gc", "hf + Liger + gradient checkpointing", impl="hf", liger=True, ac="full"),
+    # the memory ladder: each row adds one strategy to the one before (`baseline` is its first rung)
+    *LADDER,
     # compiled rows last: minutes of compilation the first time (cached under --out afterwards)
     Row("loss-compile", "torch.compile of the torch loss", loss="compile"),
     Row("compile", "torch.compile of each block", compile=True),
@@ -157,6 +188,8 @@ def why_unavailable(row: Row, device: str) -> str | None:
         return "triton loss needs CUDA (or TRITON_INTERPRET=1)"
     if row.loss == "triton" and importlib.util.find_spec("triton") is None:
         return "triton not importable"
+    if (row.activation_offload or row.cpu_offload) and device != "cuda":  # as ftcore.optim.validate_switches
+        return "activation / CPU offload needs CUDA"
     return None
 
 
@@ -236,11 +269,19 @@ def run_config(row: Row, cfg: ModelConfig, device, rows: int) -> Config:
     t.fsdp = "on" if row.fsdp else "off"
     t.kernels = {k: row.kernels for k in ("rmsnorm", "rope", "swiglu")} if row.kernels else {}
     t.lr, t.beta1, t.beta2, t.weight_decay, t.grad_clip = 1e-5, 0.9, 0.95, 0.0, 1.0
+    if row.states_bf16:
+        t.optimizer_state_dtype, t.stochastic_rounding = "bfloat16", True
+    t.optimizer_in_backward, t.activation_offload, t.cpu_offload = row.optimizer_in_backward, row.activation_offload, row.cpu_offload
+    if t.optimizer_in_backward:
+        t.grad_clip = 0.0  # stepped during backward: no global norm to clip by (config.validate says so too)
     resolve_auto(t, torch.device(device), MatmulShape.of(cfg, rows))  # rows: tokens of a micro-batch
     return run_cfg
 
 
 def build_ftcore(row: Row, cfg: ModelConfig, device, run_cfg: Config):
+    """As ftcore.train.build_model builds it, initialised in place instead of loaded (no checkpoint
+    of the shape is on disk): whole then parallelized, or under FSDP on the meta device, sharded,
+    then each shard materialised where it lives (the CPU with cpu_offload)."""
     from ftcore.model import Transformer
     from ftcore.parallel import init_distributed
     from ftcore.train import parallelize
@@ -248,12 +289,16 @@ def build_ftcore(row: Row, cfg: ModelConfig, device, run_cfg: Config):
         model = Transformer(cfg, loss=run_cfg.train.loss, kernels=run_cfg.train.kernels)
     if run_cfg.train.precision == "bf16":
         model = model.to(torch.bfloat16)
-    model = model.to_empty(device=device)
+    proc = init_distributed(device.type, need_group=row.fsdp, cpu_collectives=row.cpu_offload)
+    where = torch.device("cpu") if row.cpu_offload else device
+    if row.fsdp:
+        parallelize(model, run_cfg, proc)
+    model = model.to_empty(device=where)
     if cfg.tie_word_embeddings:  # to_empty gives each module its own new parameter: tie again
         model.lm_head.weight = model.embed.weight
-    init_on_device(model)  # instead of ftcore.train.build_model's loading: no checkpoint of the shape on disk
+    init_on_device(model)
     model.reset_buffers(device)
-    return parallelize(model, run_cfg, init_distributed(device.type, need_group=row.fsdp))
+    return model if row.fsdp else parallelize(model, run_cfg, proc)
 
 
 def build_hf(row: Row, cfg: ModelConfig, device):
@@ -339,6 +384,16 @@ def run_child(spec: dict) -> dict:
 
     forward_done = ForwardDone()
     timer_now = StepTimer(device).mark
+    around_forward = forward_done
+    if run_cfg.train.activation_offload:
+        from ftcore.offload import ActivationOffload
+        offload = ActivationOffload(device)
+
+        @contextlib.contextmanager
+        def around_forward():  # the offloading hooks, then the mark: the forward ends inside both
+            with offload, forward_done:
+                yield
+        around_forward = around_forward()
 
     def step(batch, timer: StepTimer | None = None):
         """One optimizer step; marks: start, forward done, backward (and clipping) done, optimizer done."""
@@ -354,7 +409,7 @@ def run_child(spec: dict) -> dict:
         else:  # ftcore.train's own step: the sum over the step's token count, clipping included
             forward_done.marks = marks
             loss_sum, _ = train_step(model, opt, [{"input_ids": ids, "labels": labels}], n_lab, autocast,
-                                     run_cfg.train.grad_clip, offload=forward_done)
+                                     run_cfg.train.grad_clip, offload=around_forward)
             forward_done.marks = None
             loss = loss_sum / n_lab
         if timer:
