@@ -29,14 +29,13 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 import traceback
 
-import torch
+from common import StepTimer, versions
+import torch  # noqa: E402  (after common: the checkout on sys.path)
 
-from ftcore.model import IGNORE_INDEX
+from ftcore.model import IGNORE_INDEX  # noqa: E402
 
 SMOKE = dict(seqs=2, seq_len=32, H=48, V=300, iters=2, warmup=1)
 WORKLOAD_A = dict(seqs=4, seq_len=2048, H=2048, V=128256, iters=20, warmup=5)
@@ -94,31 +93,6 @@ def make_workload(cfg, fraction, dtype, device, seed=0):
     labels = labels.view(cfg["seqs"], cfg["seq_len"])
     labels[:, : round((1 - fraction) * cfg["seq_len"])] = IGNORE_INDEX  # prompt first, completion last
     return hidden, weight, labels.reshape(-1)
-
-
-class Timer:
-    """Milliseconds of fn(), by CUDA events on a GPU and wall clock on CPU."""
-
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, fn, iters, warmup):
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(iters):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t) * 1e3)
-        return statistics.median(times)
 
 
 def fwd_bwd(fn, hidden, weight, labels):
@@ -210,7 +184,7 @@ def main(argv=None):
     if args.iters:
         cfg["iters"] = args.iters
     dtype = getattr(torch, args.dtype)
-    timer = Timer(device)
+    timer = StepTimer(device)
 
     methods = get_methods(device)
     if args.methods:
@@ -225,7 +199,7 @@ def main(argv=None):
     meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
                 device=(torch.cuda.get_device_name(device) if device.type == "cuda"
                         else platform.processor() or "cpu"),
-                torch=torch.__version__, triton=_version("triton"), command=" ".join(sys.argv),
+                versions=versions(), torch=torch.__version__, triton=versions().get("triton"), command=" ".join(sys.argv),
                 shape=dict(N=cfg["seqs"] * cfg["seq_len"], H=H, V=V, dtype=args.dtype),
                 matmul_tflops=tflops)
     rows = []
@@ -275,14 +249,6 @@ def main(argv=None):
         with open(args.out, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
     return rows
-
-
-def _version(pkg):
-    try:
-        from importlib.metadata import version
-        return version(pkg)
-    except Exception:
-        return None
 
 
 if __name__ == "__main__":

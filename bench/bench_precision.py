@@ -26,7 +26,7 @@ from ftcore.config import Config  # noqa: E402
 from ftcore.hardware import BF16_MAX_TIME_RATIO, MatmulShape, cpu_bf16_features, probe_rows, time_bf16_vs_fp32  # noqa: E402
 from ftcore.model import IGNORE_INDEX, ModelConfig, Transformer  # noqa: E402
 from ftcore.optim import build_optimizer  # noqa: E402
-from ftcore.train import autocast_context, train_step  # noqa: E402
+from ftcore.step import NonFiniteSkips, autocast_context, forward_backward, optimizer_step  # noqa: E402
 
 
 def stepper(hidden: int, precision: str, args):
@@ -44,12 +44,12 @@ def stepper(hidden: int, precision: str, args):
     labels = ids.roll(-1, 1)
     labels[:, :int((1 - args.labelled) * args.seq_len)] = IGNORE_INDEX
     n = int((labels != IGNORE_INDEX).sum())
+    skips = NonFiniteSkips(run, None)
 
     def step() -> float:
         t0 = time.perf_counter()
-        train_step(model, opt, [{"input_ids": ids, "labels": labels}], n, autocast, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss_sum = forward_backward(model, [{"input_ids": ids, "labels": labels}], n, autocast)
+        optimizer_step(model, opt, loss_sum, n, run.train.grad_clip, skips)  # what the loop runs
         return time.perf_counter() - t0
     return step, cfg.num_params()
 

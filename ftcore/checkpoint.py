@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -23,8 +21,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (get_state_dict,
                                                      set_state_dict)
 
-from ftcore.files import write_atomic
-from ftcore.parallel import Dist, any_rank, barrier
+from ftcore.files import publish_dir, remove_dir, staging_dir, write_atomic
+from ftcore.parallel import Process, any_rank, barrier
 
 _STEP_DIR = re.compile(r"step_(\d{8})")
 MANIFEST = "manifest.json"
@@ -32,10 +30,6 @@ MANIFEST = "manifest.json"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or read: the message names the file."""
-# crash tests widen the window in which a checkpoint is half-written, to kill a run inside it
-_TEST_SAVE_DELAY_S = float(os.environ.get("FTCORE_TEST_SAVE_DELAY_S", "0"))
-# tests: the rank whose part of a save fails (a full disk on one node)
-_TEST_FAIL_SAVE_RANK = int(os.environ.get("FTCORE_TEST_FAIL_SAVE_RANK", "-1"))
 
 
 def _rng_state() -> dict:
@@ -113,13 +107,11 @@ def latest_checkpoint(ckpt_root: Path, report=print) -> Path | None:
     return None
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, trainer_state: dict, proc: Dist, keep: int) -> Path:
+def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, trainer_state: dict, proc: Process, keep: int) -> Path:
     final = ckpt_root / f"step_{step:08d}"
-    tmp = ckpt_root / f"step_{step:08d}.tmp"
+    tmp = final.with_name(final.name + ".tmp")
     if proc.is_main:
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left by a run killed mid-save
-        tmp.mkdir(parents=True)
+        staging_dir(final, create=True)
     barrier(proc)
 
     def agreed(step_of_save):
@@ -141,19 +133,13 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, trainer_state:
     def every_rank():
         model_sd, optim_sd = get_state_dict(model, optimizer)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-        if proc.rank == _TEST_FAIL_SAVE_RANK:
-            raise OSError(28, "No space left on device (test)")
         torch.save(_rng_state(), tmp / f"rng_rank{proc.rank}.pt")
-        if _TEST_SAVE_DELAY_S:
-            time.sleep(_TEST_SAVE_DELAY_S)
 
     def main_rank():
         if proc.is_main:
             torch.save(trainer_state, tmp / "trainer_state.pt")
             write_manifest(tmp)
-            if final.exists():  # a checkpoint of this step from a run that was resumed before it
-                _remove(final)
-            os.replace(tmp, final)
+            publish_dir(tmp, final)  # over a checkpoint of this step from a run resumed before it
             _prune(ckpt_root, keep)
 
     agreed(every_rank)
@@ -165,7 +151,7 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def load_checkpoint(path: Path, model, optimizer, proc: Dist) -> dict:
+def load_checkpoint(path: Path, model, optimizer, proc: Process) -> dict:
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     try:
@@ -188,43 +174,9 @@ def cleanup_partial(ckpt_root: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def _remove(path: Path) -> None:
-    # rename first: a prune killed half-way must not leave a step_ directory that looks complete
-    trash = path.with_name(path.name + ".trash")
-    os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
 def _prune(ckpt_root: Path, keep: int) -> None:
     if keep <= 0:
         return
     done = sorted(p for p in ckpt_root.iterdir() if _STEP_DIR.fullmatch(p.name))
     for p in done[:-keep]:
-        _remove(p)
-
-
-def export_hf(model, path: Path, proc: Dist, tokenizer=None, max_shard_bytes: int | None = None) -> None:
-    """Write an HF directory (tokenizer included) from a model that may be sharded: one tensor at a
-    time is gathered (every rank takes part) and rank 0 writes it straight into its safetensors
-    file, so rank 0 holds at most one gathered tensor beyond its own shards."""
-    from torch.distributed.tensor import DTensor
-
-    from ftcore.weights import DEFAULT_MAX_SHARD_BYTES, save_pretrained
-    state = model.state_dict()  # under FSDP2: DTensors, this rank's shards; nothing is gathered yet
-
-    @torch.no_grad()
-    def fetch(name):
-        t = state[name]
-        t = t.full_tensor() if isinstance(t, DTensor) else t  # a collective: every rank, same order
-        return t if proc.is_main else None
-
-    tmp = path.with_name(path.name + ".tmp")
-    if proc.is_main and tmp.exists():
-        shutil.rmtree(tmp)
-    save_pretrained(model, tmp, tokenizer=tokenizer, state_dict=state, fetch=fetch, write=proc.is_main,
-                    max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
-    if proc.is_main:
-        if path.exists():
-            _remove(path)
-        os.replace(tmp, path)
-    barrier(proc)
+        remove_dir(p)

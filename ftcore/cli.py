@@ -6,6 +6,7 @@ stderr and exit code 2, not a traceback.
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 
 
@@ -15,9 +16,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from ftcore.data import DataError
     from ftcore.gguf import GGUFError
     from ftcore.model import ModelConfigError
-    from ftcore.templates import TemplateError
+    from ftcore.data.templates import TemplateError
     from ftcore.tokenizer import TokenizerError
-    from ftcore.train import NonFiniteError
+    from ftcore.step import NonFiniteError
     from ftcore.weights import WeightsError
     return (CheckpointError, ConfigError, DataError, GGUFError, ModelConfigError, NonFiniteError, TemplateError,
             TokenizerError, WeightsError)
@@ -44,8 +45,48 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from ftcore.generate import generate_main
-    return generate_main(args) or 0
+    """Streams the continuation of args.prompt to stdout; the prompt is used verbatim (apply a
+    template yourself if the model was fine-tuned on one)."""
+    import torch
+
+    from ftcore.config import ConfigError
+    from ftcore.generate import TextStream, generate
+    from ftcore.model import Transformer
+    from ftcore.tokenizer import Tokenizer
+
+    if not (pathlib.Path(args.model) / "config.json").is_file():
+        raise ConfigError(f"--model {args.model}: no config.json there (an HF model directory is needed)")
+    if not 0.0 < args.top_p <= 1.0:
+        raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.temperature < 0 or args.max_new_tokens < 1:
+        raise ConfigError("--temperature must be >= 0 and --max-new-tokens >= 1")
+    if args.dtype not in (None, "float32", "bfloat16", "float16"):
+        raise ConfigError(f"--dtype must be float32, bfloat16 or float16, got {args.dtype!r}")
+    if args.device not in ("auto", "cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
+        raise ConfigError(f"--device {args.device!r}: use auto, cpu or cuda (cuda needs a CUDA device)")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    tok = Tokenizer.from_dir(args.model)
+    model = Transformer.from_pretrained(args.model, dtype=dtype, device=device).eval()
+    prompt = tok.encode(args.prompt, add_bos=True)
+    limit = model.config.max_position_embeddings
+    if len(prompt) >= limit:
+        raise ConfigError(f"the prompt is {len(prompt)} tokens, the model has {limit} positions "
+                          f"(max_position_embeddings in {args.model}/config.json): shorten it")
+    max_new = min(args.max_new_tokens, limit - len(prompt))
+    if max_new < args.max_new_tokens:
+        print(f"(--max-new-tokens cut to {max_new}: the model has {limit} positions)", file=sys.stderr)
+    stream = TextStream(tok.decode)
+
+    def on_token(row: int, token_id: int):
+        sys.stdout.write(stream.push(token_id))
+        sys.stdout.flush()
+
+    sys.stdout.write(args.prompt)
+    generate(model, [prompt], max_new, tok.eos_ids, tok.pad_id,
+             temperature=args.temperature, top_p=args.top_p, seed=args.seed, on_token=on_token)
+    sys.stdout.write(stream.finish() + "\n")
+    return 0
 
 
 def cmd_export(args) -> int:
@@ -68,7 +109,7 @@ def cmd_import_gguf(args) -> int:
 
 def cmd_bench(args) -> int:
     from ftcore.config import ConfigError, load_config
-    from ftcore.memory import estimate_report
+    from ftcore.estimate import estimate_report
     if args.world_size < 1:
         raise ConfigError(f"--world-size must be >= 1, got {args.world_size}")
     cfg = load_config(args.estimate, args.overrides)
@@ -77,7 +118,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from ftcore.plot import plot_run
+    from ftcore.evaluation.plot import plot_run
     print(plot_run(args.run_dir, args.out))
     return 0
 
@@ -101,8 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=cmd_eval)
 
     g = sub.add_parser("generate", help="decode from a prompt, streaming tokens")
-    from ftcore.generate import add_generate_args
-    add_generate_args(g)
+    g.add_argument("--model", required=True, help="HF-format checkpoint directory (with tokenizer.json)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: as saved)")
     g.set_defaults(fn=cmd_generate)
 
     x = sub.add_parser("export", help="a checkpoint, HF directory or GGUF file as an HF directory or a GGUF file")

@@ -12,11 +12,18 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.tensor import DTensor
 
+from ftcore.checkpoint import verify_checkpoint
 from ftcore.config import Config, ConfigError, load_config
-from ftcore.gguf import is_gguf
-from ftcore.hf import read_config
+from ftcore.files import publish_dir, staging_dir
+from ftcore.gguf import is_gguf, write_gguf
 from ftcore.model import ModelConfig, Transformer
+from ftcore.parallel import Process, barrier
+from ftcore.source import checkpoint_dtype, load_tokenizer, read_config
+from ftcore.weights import DEFAULT_MAX_SHARD_BYTES, checkpoint_tensors, save_pretrained
 
 
 def _run_config(run_dir: Path) -> Config | None:
@@ -47,10 +54,6 @@ def _meta_model(cfg: ModelConfig) -> tuple[Transformer, dict]:
 
 
 def _checkpoint_source(ckpt: Path, base: str | None) -> Source:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-
-    from ftcore.checkpoint import verify_checkpoint
     if (problem := verify_checkpoint(ckpt)) is not None:
         raise ConfigError(f"{ckpt}: damaged checkpoint: {problem}")
     base_dir = Path(base) if base else base_dir_of_run(ckpt.parent.parent)
@@ -70,15 +73,13 @@ def _checkpoint_source(ckpt: Path, base: str | None) -> Source:
 
 
 def _tokenizer_of(model_path: Path):
-    from ftcore.tokenizer import Tokenizer
     if is_gguf(model_path) or (model_path / "tokenizer.json").is_file():
-        return Tokenizer.from_dir(model_path)
+        return load_tokenizer(model_path)
     return None
 
 
 def _model_source(path: Path) -> Source:
     """An HF directory or a GGUF file: every tensor read through checkpoint_tensors, on demand."""
-    from ftcore.weights import DEFAULT_MAX_SHARD_BYTES, checkpoint_dtype, checkpoint_tensors
     cfg = read_config(path)
     model, shapes = _meta_model(cfg)
     dtype = checkpoint_dtype(path)
@@ -105,10 +106,8 @@ def export(src: str, out: str, base: str | None = None, gguf_type: str | None = 
            progress: bool = True) -> Path:
     """`ftcore export SRC --out OUT`: OUT ending in .gguf is a GGUF file of `gguf_type` (default
     f16), anything else an HF directory."""
-    from ftcore.weights import save_pretrained
     source = open_source(src, base)
     if is_gguf(out):
-        from ftcore.gguf import write_gguf
         return write_gguf(out, source.model.config, source.tokenizer,
                           {n: tuple(t.shape) for n, t in source.shapes.items()}, source.fetch,
                           gguf_type or "f16", progress=progress)
@@ -124,3 +123,23 @@ def export_checkpoint(checkpoint: str, out: str, base: str | None = None) -> Pat
     if not (Path(checkpoint) / "trainer_state.pt").is_file():
         raise ConfigError(f"{checkpoint}: not a complete training checkpoint (no trainer_state.pt)")
     return export(checkpoint, out, base)
+
+
+def export_hf(model, path: Path, proc: Process, tokenizer=None, max_shard_bytes: int | None = None) -> None:
+    """Write an HF directory (tokenizer included) from a model that may be sharded: one tensor at a
+    time is gathered (every rank takes part) and rank 0 writes it straight into its safetensors
+    file, so rank 0 holds at most one gathered tensor beyond its own shards."""
+    state = model.state_dict()  # under FSDP2: DTensors, this rank's shards; nothing is gathered yet
+
+    @torch.no_grad()
+    def fetch(name):
+        t = state[name]
+        t = t.full_tensor() if isinstance(t, DTensor) else t  # a collective: every rank, same order
+        return t if proc.is_main else None
+
+    tmp = staging_dir(path) if proc.is_main else path.with_name(path.name + ".tmp")
+    save_pretrained(model, tmp, tokenizer=tokenizer, state_dict=state, fetch=fetch, write=proc.is_main,
+                    max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
+    if proc.is_main:
+        publish_dir(tmp, path)
+    barrier(proc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -21,3 +22,31 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def write_atomic(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+# Directories (a checkpoint, an exported model) are written under DIR.tmp and renamed over DIR when
+# complete; an existing DIR is renamed to DIR.trash before it is deleted, so that a run killed
+# half-way never leaves a DIR that looks complete but is not.
+
+def staging_dir(path: Path, create: bool = False) -> Path:
+    """path.tmp, emptied of whatever a killed run left there (and made, with create)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    if create:
+        tmp.mkdir(parents=True)
+    return tmp
+
+
+def remove_dir(path: Path) -> None:
+    trash = path.with_name(path.name + ".trash")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def publish_dir(tmp: Path, path: Path) -> None:
+    """Rename the finished tmp over path, replacing an older path."""
+    if path.exists():
+        remove_dir(path)
+    os.replace(tmp, path)

@@ -8,9 +8,7 @@ batch gave it (tests check them against recomputing each row alone, unpadded).
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -148,59 +146,3 @@ class TextStream:
         new = text[len(self.printed):] if text.startswith(self.printed) else ""
         self.printed = text
         return new
-
-
-# ------------------------------------------------------------------------------------------------
-# `ftcore generate --model DIR --prompt "..."`
-
-def add_generate_args(parser) -> None:
-    parser.add_argument("--model", required=True, help="HF-format checkpoint directory (with tokenizer.json)")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: as saved)")
-
-
-def generate_main(args) -> int:
-    """Streams the continuation of args.prompt to stdout; the prompt is used verbatim (apply a
-    template yourself if the model was fine-tuned on one)."""
-    from ftcore.config import ConfigError
-    from ftcore.model import Transformer
-    from ftcore.tokenizer import Tokenizer
-
-    if not (Path(args.model) / "config.json").is_file():
-        raise ConfigError(f"--model {args.model}: no config.json there (an HF model directory is needed)")
-    if not 0.0 < args.top_p <= 1.0:
-        raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.temperature < 0 or args.max_new_tokens < 1:
-        raise ConfigError("--temperature must be >= 0 and --max-new-tokens >= 1")
-    if args.dtype not in (None, "float32", "bfloat16", "float16"):
-        raise ConfigError(f"--dtype must be float32, bfloat16 or float16, got {args.dtype!r}")
-    if args.device not in ("auto", "cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
-        raise ConfigError(f"--device {args.device!r}: use auto, cpu or cuda (cuda needs a CUDA device)")
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    tok = Tokenizer.from_dir(args.model)
-    model = Transformer.from_pretrained(args.model, dtype=dtype, device=device).eval()
-    prompt = tok.encode(args.prompt, add_bos=True)
-    limit = model.config.max_position_embeddings
-    if len(prompt) >= limit:
-        raise ConfigError(f"the prompt is {len(prompt)} tokens, the model has {limit} positions "
-                          f"(max_position_embeddings in {args.model}/config.json): shorten it")
-    max_new = min(args.max_new_tokens, limit - len(prompt))
-    if max_new < args.max_new_tokens:
-        print(f"(--max-new-tokens cut to {max_new}: the model has {limit} positions)", file=sys.stderr)
-    stream = TextStream(tok.decode)
-
-    def on_token(row: int, token_id: int):
-        sys.stdout.write(stream.push(token_id))
-        sys.stdout.flush()
-
-    sys.stdout.write(args.prompt)
-    generate(model, [prompt], max_new, tok.eos_ids, tok.pad_id,
-             temperature=args.temperature, top_p=args.top_p, seed=args.seed, on_token=on_token)
-    sys.stdout.write(stream.finish() + "\n")
-    return 0

@@ -90,13 +90,9 @@ def config_from_hf(hf_config: dict[str, Any], where: str = "config.json") -> Mod
     )
 
 def read_config(path: str | Path) -> ModelConfig:
-    """config.json of a model directory (or the file itself); a GGUF file's metadata."""
+    """config.json of a model directory (or the file itself); ftcore.source.read_config also reads
+    a GGUF file's."""
     path = Path(path)
-    if str(path).lower().endswith(".gguf"):
-        import copy
-
-        from ftcore.gguf import open_gguf
-        return copy.deepcopy(open_gguf(path).config)
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
@@ -155,7 +151,7 @@ _NAMES = [
 
 
 def name_pattern(template: str) -> re.Pattern:
-    """A name template ({i} a layer index, {p} weight or bias) as a regex (also for gguf.py's names)."""
+    """A name template ({i} a layer index, {p} weight or bias) as a regex (also for ftcore/gguf's names)."""
     rx = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
     return re.compile(rx)
 

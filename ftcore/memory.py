@@ -8,8 +8,7 @@
     saved_tensor_bytes            bytes that autograd saves for backward during a forward
     record_memory_history / dump_memory_snapshot   a CUDA snapshot for https://pytorch.org/memory_viz
 
-Predicting it before a run is ftcore.estimate's (estimate_peak_bytes, estimate_report: re-exported
-here).
+Predicting it before a run is ftcore.estimate's (estimate_peak_bytes, estimate_report).
 """
 from __future__ import annotations
 
@@ -17,7 +16,6 @@ import contextlib
 
 import torch
 
-from ftcore.estimate import estimate_peak_bytes, estimate_report  # noqa: F401 (re-exported)
 
 # ================================================================================================
 # measuring

@@ -16,6 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ftcore.kernels import LAYER_KINDS, get_kernel, get_loss  # no triton import: Triton kernels load when first got
+from ftcore.kernels.reference import apply_rope, apply_rope_qk, rms_norm, rotate_half, swiglu  # noqa: F401
+
 IGNORE_INDEX = -100
 # A CPU's flash attention runs bf16 slower than fp32 at small head dims (forward + backward at
 # 16 x 4 heads x 256 x 32: 15.0 vs 8.8 ms), faster from 64 (4 x 8 x 512 x 64: 22.7 vs 30.4 ms;
@@ -58,14 +61,35 @@ class ModelConfig:
             raise ModelConfigError(f"num_attention_heads={self.num_heads} is not a multiple of "
                                    f"num_key_value_heads={self.num_kv_heads}")
 
-    def num_params(self) -> int:
+    def block_matmul_params(self) -> int:
+        """The weights of one block's matmuls: q, k, v, o, gate, up, down."""
+        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return h * q + 2 * h * kv + q * h + 3 * h * self.intermediate_size
+
+    def block_params(self) -> int:
+        """Every parameter of one block: the matmul weights, their biases, the two norms."""
         h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
         q = self.num_heads * self.head_dim
-        attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.qkv_bias else 0) + (h if self.o_bias else 0)
-        mlp = 3 * h * self.intermediate_size + ((2 * self.intermediate_size + h) if self.mlp_bias else 0)
-        per_layer = attn + mlp + 2 * h
-        emb = self.vocab_size * h
-        return self.num_layers * per_layer + h + emb * (1 if self.tie_word_embeddings else 2)
+        biases = (q + 2 * kv if self.qkv_bias else 0) + (h if self.o_bias else 0) + \
+            ((2 * self.intermediate_size + h) if self.mlp_bias else 0)
+        return self.block_matmul_params() + biases + 2 * h
+
+    def num_params(self) -> int:
+        emb = self.vocab_size * self.hidden_size
+        return self.num_layers * self.block_params() + self.hidden_size + emb * (1 if self.tie_word_embeddings else 2)
+
+    def step_flops(self, B: int, T: int, n_labelled: int) -> dict[str, float]:
+        """Matmul FLOPs of one training step of B x T tokens (forward + backward = 3 x forward):
+        6 * block matmul weights * tokens  +  6 * L * B * T^2 * nh * hd (causal attention: QK^T and
+        PV, half of the T x T square)  +  6 * V * H * lm_head rows. "useful" counts lm_head rows for
+        the n_labelled tokens only (what the step needs), "all_logits" for every token (what a
+        full-logits loss computes). Recompute under activation checkpointing is not counted (model
+        FLOPs). bench/README.md derives it."""
+        dense = 6.0 * self.num_layers * self.block_matmul_params() * B * T
+        attn = 6.0 * self.num_layers * B * T * T * self.num_heads * self.head_dim
+        lm = 6.0 * self.vocab_size * self.hidden_size
+        return {"useful": dense + attn + lm * n_labelled, "all_logits": dense + attn + lm * B * T,
+                "blocks": dense, "attention": attn}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -90,39 +114,15 @@ def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
-
-
-def apply_rope_qk(q, k, cos, sin):
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
-
 # ------------------------------------------------------------------------------------------------
-# layer functions: these are what runs, and the "torch" kernels of ftcore.kernels;
+# layer functions: rotate_half / apply_rope_qk, rms_norm and swiglu are what runs, defined beside
+# the fused kernels that replace them (kernels/reference.py, the registry's "torch" kernels);
 # `Transformer(kernels=...)` swaps in others by name (e.g. the fused Triton ones)
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # normalise in fp32, scale in the input dtype: the same rounding as the HF reference
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
-
 
 def layer_kernel(kind: str, name: str = "torch"):
     """None for the default ("torch": the function above runs), else the registered kernel."""
     if name == "torch":
         return None
-    from ftcore.kernels import get_kernel  # lazily: a Triton kernel imports triton when first got
     return get_kernel(kind, name)
 
 
@@ -297,7 +297,6 @@ class Transformer(nn.Module):
         # per layer kind ("rmsnorm", "rope", "swiglu"), a name in the registry; missing = "torch"
         self.kernels = dict(kernels or {})
         if self.kernels:
-            from ftcore.kernels import LAYER_KINDS
             if unknown := sorted(set(self.kernels) - set(LAYER_KINDS)):
                 raise ValueError(f"kernels: unknown layer kind(s) {unknown}; kinds: {', '.join(LAYER_KINDS)}")
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
@@ -311,7 +310,7 @@ class Transformer(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None, loss: str = "torch",
                         kernels: dict[str, str] | None = None) -> "Transformer":
-        from ftcore.weights import load_pretrained
+        from ftcore.weights import load_pretrained  # the one lazy import in ftcore: weights builds this class
         return load_pretrained(cls, path, dtype=dtype, device=device, loss=loss, kernels=kernels)
 
     def init_weights(self, std: float = 0.02, seed: int | None = None):
@@ -376,7 +375,6 @@ class Transformer(nn.Module):
         return self.loss_sum(h, labels)
 
     def loss_sum(self, h: torch.Tensor, labels: torch.Tensor):
-        from ftcore.kernels import get_loss  # lazily: kernels may import triton
         w = self.lm_head.weight
         if torch.is_autocast_enabled(h.device.type):
             # autocast does not reach into custom kernels: hand them the autocast dtype ourselves

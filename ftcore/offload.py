@@ -33,6 +33,16 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from ftcore.config import ConfigError, TrainConfig
+
+
+def check_offload(train: TrainConfig, device: torch.device) -> None:
+    """Both offloads (activations here, FSDP's parameters and optimizer states: train.cpu_offload)
+    move memory from the GPU to the host: on a CPU they would copy memory to itself."""
+    for switch in ("activation_offload", "cpu_offload"):
+        if getattr(train, switch) and device.type != "cuda":
+            raise ConfigError(f"train.{switch} needs CUDA (the device is {device.type})")
+
 
 class _Offloaded:
     """What autograd keeps in place of an offloaded tensor: its host copy. When autograd frees the

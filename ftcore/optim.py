@@ -98,14 +98,9 @@ def _adamw(cfg: Config, groups: list[dict], fused: bool) -> torch.optim.Optimize
                  stochastic_rounding=t.stochastic_rounding)
 
 
-def validate_switches(cfg: Config, device: torch.device, accum: int) -> None:
-    """The memory-strategy switches that depend on the device and the world size (the others are
-    checked when the config is loaded, in config.validate)."""
+def check_optimizer_in_backward(cfg: Config, accum: int) -> None:
+    """train.optimizer_in_backward steps each parameter as its gradient arrives: one micro-batch per step."""
     t = cfg.train
-    if t.activation_offload and device.type != "cuda":
-        raise ConfigError(f"train.activation_offload needs CUDA (the device is {device.type})")
-    if t.cpu_offload and device.type != "cuda":
-        raise ConfigError(f"train.cpu_offload needs CUDA (the device is {device.type})")
     if t.optimizer_in_backward and accum != 1:
         raise ConfigError(
             f"train.optimizer_in_backward needs one micro-batch per step (no gradient accumulation), but "

@@ -13,9 +13,11 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from ftcore.config import Config, ConfigError
+
 
 @dataclass
-class Dist:
+class Process:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -35,7 +37,7 @@ def pick_device(pref: str) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device_pref: str = "auto", need_group: bool = False, cpu_collectives: bool = False) -> Dist:
+def init_distributed(device_pref: str = "auto", need_group: bool = False, cpu_collectives: bool = False) -> Process:
     """From torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR...). Without torchrun
     a single process; with need_group it still gets a 1-rank group (FSDP needs one). cpu_collectives:
     CPU tensors are reduced too (FSDP CPU offload keeps gradients there), so gloo serves them beside nccl."""
@@ -50,16 +52,25 @@ def init_distributed(device_pref: str = "auto", need_group: bool = False, cpu_co
         store = dist.HashStore()
         dist.init_process_group(backend, store=store, rank=0, world_size=1)
     if dist.is_initialized():
-        return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), device)
-    return Dist(device=device)
+        return Process(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), device)
+    return Process(device=device)
 
 
-def barrier(proc: Dist) -> None:
+def use_fsdp(cfg: Config, world_size: int) -> bool:
+    """Whether a run shards with FSDP2: train.fsdp=on, or auto with several processes, bf16-mixed
+    (FSDP's MixedPrecisionPolicy) or cpu_offload (FSDP's CPUOffloadPolicy)."""
+    if cfg.train.precision == "bf16-mixed" and cfg.train.fsdp == "off":
+        raise ConfigError("train.precision=bf16-mixed needs FSDP (train.fsdp = auto or on)")
+    return cfg.train.fsdp == "on" or (cfg.train.fsdp == "auto" and (
+        world_size > 1 or cfg.train.precision == "bf16-mixed" or cfg.train.cpu_offload))
+
+
+def barrier(proc: Process) -> None:
     if dist.is_initialized() and proc.world_size > 1:
         dist.barrier()
 
 
-def any_rank(flag: bool, proc: Dist) -> bool:
+def any_rank(flag: bool, proc: Process) -> bool:
     """Whether `flag` holds on any rank; every rank must call it (it is a collective, and a barrier)."""
     if not (dist.is_initialized() and proc.world_size > 1):
         return flag
@@ -68,7 +79,7 @@ def any_rank(flag: bool, proc: Dist) -> bool:
     return bool(t.item())
 
 
-def broadcast_from_main(obj, proc: Dist):
+def broadcast_from_main(obj, proc: Process):
     """Rank 0's `obj` (picklable) on every rank; every rank must call it."""
     if not (dist.is_initialized() and proc.world_size > 1):
         return obj
@@ -91,7 +102,7 @@ def shutdown() -> None:
 # ------------------------------------------------------------------------------------------------
 # FSDP2
 
-def apply_fsdp(model: torch.nn.Module, proc: Dist, precision: str, reshard_after_forward: bool = True,
+def apply_fsdp(model: torch.nn.Module, proc: Process, precision: str, reshard_after_forward: bool = True,
                cpu_offload: bool = False):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -111,7 +122,7 @@ def apply_fsdp(model: torch.nn.Module, proc: Dist, precision: str, reshard_after
     return model
 
 
-def grad_scale_for_reduction(proc: Dist, fsdp: bool) -> float:
+def grad_scale_for_reduction(proc: Process, fsdp: bool) -> float:
     """FSDP averages gradients over ranks; the loss is already divided by the global token count of
     the step, so each rank multiplies its loss by the world size to turn that average back into a
     sum. (A divide factor of 1 would say the same, but it needs PREMUL_SUM, which gloo lacks.)"""

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from ftcore.config import Config
+from ftcore.files import publish_dir, staging_dir
 from ftcore.hardware import MatmulShape, resolve_auto
-from ftcore.model import ModelConfig, Transformer
+from ftcore.model import Transformer
+from ftcore.source import pretrain_model_config
 from ftcore.optim import fused_adamw, pretrain_lr_lambda
 from ftcore.tokenizer import Tokenizer
 from ftcore.weights import save_pretrained
@@ -37,7 +37,7 @@ def token_stream(texts: list[str], tok: Tokenizer) -> torch.Tensor:
 
 def pretrain_base(cfg: Config, out_dir: Path, device: torch.device) -> Path:
     from ftcore.data import load_data_records, split_records
-    from ftcore.reviews import pretraining_texts
+    from ftcore.data.reviews import pretraining_texts
 
     p = cfg.pretrain
     train_records, _, _ = split_records(load_data_records(cfg.data), cfg.data.split, cfg.run.seed)
@@ -46,13 +46,7 @@ def pretrain_base(cfg: Config, out_dir: Path, device: torch.device) -> Path:
     stream = token_stream(texts, tok)
     print(f"pretraining a base model: {len(texts)} texts, {len(stream):,} tokens, vocab {tok.vocab_size}", flush=True)
 
-    # max_position_embeddings = the longest sequence it is trained on (pretraining or fine-tuning):
-    # evaluation fits k-shot prompts into it
-    mcfg = ModelConfig(model_type="llama", vocab_size=tok.vocab_size, hidden_size=p.hidden_size,
-                       intermediate_size=p.intermediate_size, num_layers=p.num_layers, num_heads=p.num_heads,
-                       num_kv_heads=p.num_kv_heads, max_position_embeddings=max(p.seq_len, cfg.data.max_seq_len),
-                       rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
-                       bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    mcfg = pretrain_model_config(cfg, tok)
     choice = dataclasses.replace(cfg.train)
     for line in resolve_auto(choice, device, MatmulShape.of(p, p.batch_size * p.seq_len)):
         print("pretraining: " + line, flush=True)
@@ -82,9 +76,7 @@ def pretrain_base(cfg: Config, out_dir: Path, device: torch.device) -> Path:
         if cfg.log.progress:
             bar.set_postfix(loss=f"{loss.item():.3f}")  # the only sync of the step, for the bar
 
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = staging_dir(out_dir)
     save_pretrained(model, tmp, tokenizer=tok)
-    os.replace(tmp, out_dir)
+    publish_dir(tmp, out_dir)
     return out_dir

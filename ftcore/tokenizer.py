@@ -90,11 +90,8 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> "Tokenizer":
-        """From an HF model directory, or from a GGUF file's metadata."""
+        """From an HF model directory (ftcore.source.load_tokenizer also reads a GGUF file's)."""
         path = Path(path)
-        if str(path).lower().endswith(".gguf"):
-            from ftcore.gguf import open_gguf
-            return open_gguf(path).tokenizer()
         tj = path / "tokenizer.json"
         if not tj.is_file():
             raise TokenizerError(f"{tj}: not found (ftcore needs a fast tokenizer's tokenizer.json)")

@@ -2,8 +2,7 @@
 
     base model ── eval (zero-shot, k-shot) ── fine-tune ── export final/ ── eval ── report
 
-The loss of an optimizer step is the sum of per-token cross-entropy over every completion token of
-the step (all micro-batches, all ranks) divided by that global count (docs/design.md, "Rules of the loss").
+The step itself (forward_backward, optimizer_step) is ftcore/step.py, which the benches call too.
 """
 from __future__ import annotations
 
@@ -20,70 +19,23 @@ from tqdm import tqdm
 from ftcore import checkpoint as ckpt
 from ftcore.config import Config, ConfigError, accumulation_steps, check_kernels, to_toml
 from ftcore.data import Datasets, Example, StepSampler, collate, format_stats, micro_batches, prepare_datasets
+from ftcore.export import export_hf
 from ftcore.files import write_atomic
 from ftcore.hardware import MatmulShape, keep_freed_memory, resolve_auto
-from ftcore.hf import read_config
+from ftcore.source import check_source, load_tokenizer, read_config
+from ftcore.step import NonFiniteSkips, autocast_context, forward_backward, optimizer_step, to_device
 from ftcore.memory import AllocationTrace, PeakRSSGrowth, peak_mem_bytes
 from ftcore.model import IGNORE_INDEX, Transformer
-from ftcore.offload import ActivationOffload
-from ftcore.optim import OptimizerInBackward, build_optimizer, validate_switches
-from ftcore.parallel import (Dist, all_reduce_sum, broadcast_from_main, apply_activation_checkpointing, apply_compile, apply_fsdp,
+from ftcore.offload import ActivationOffload, check_offload
+from ftcore.optim import build_optimizer, check_optimizer_in_backward
+from ftcore.parallel import (Process, all_reduce_sum, use_fsdp, broadcast_from_main, apply_activation_checkpointing, apply_compile, apply_fsdp,
                              barrier, grad_scale_for_reduction, init_distributed)
 from ftcore.rundir import MetricsLog, RunLock, check_fresh_start, check_resume_config
 from ftcore.tokenizer import Tokenizer
 
 
-class NonFiniteError(RuntimeError):
-    pass
-
-
-# ------------------------------------------------------------------------------------------------
-# the step
-
-def train_step(model, optimizer, batches: list[dict], n_target_global: int, autocast, grad_clip: float,
-               reduce_scale: float = 1.0, offload=contextlib.nullcontext()):
-    """Forward/backward every micro-batch of this rank, then clip. Returns this rank's loss sum and
-    the global grad norm, both on device (no host sync here). reduce_scale undoes the averaging of
-    gradients over ranks that FSDP does (see parallel.grad_scale_for_reduction). offload: the
-    activation offloading hooks (ftcore.offload), entered around each forward."""
-    scale = reduce_scale / max(n_target_global, 1)  # a step with no completion token: zero loss, zero grad
-    loss_sum = None
-    for batch in batches:
-        with autocast, offload:
-            micro_loss_sum, _ = model(**batch)
-        (micro_loss_sum * scale).backward()
-        loss_sum = micro_loss_sum.detach() if loss_sum is None else loss_sum + micro_loss_sum.detach()
-    if isinstance(optimizer, OptimizerInBackward):  # stepped in backward, gradients gone: no clipping
-        return loss_sum, optimizer.pop_grad_norm().to(loss_sum.device)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-    if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP: the norm over all shards
-        grad_norm = grad_norm.full_tensor()
-    return loss_sum, grad_norm.to(loss_sum.device)  # on the CPU with train.cpu_offload
-
-
-def autocast_context(cfg: Config, device: torch.device):
-    if cfg.train.precision == "bf16-autocast":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    if device.type != "cuda":
-        return batch
-    # from pinned memory the copy is truly asynchronous (torch's caching host allocator makes the
-    # pinning cheap after the first steps); from pageable memory non_blocking would still block
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
-
-
 # ------------------------------------------------------------------------------------------------
 # model set-up: precision, activation checkpointing, compile, FSDP
-
-def use_fsdp(cfg: Config, world_size: int) -> bool:
-    if cfg.train.precision == "bf16-mixed" and cfg.train.fsdp == "off":
-        raise ConfigError("train.precision=bf16-mixed needs FSDP (train.fsdp = auto or on)")
-    return cfg.train.fsdp == "on" or (cfg.train.fsdp == "auto" and (
-        world_size > 1 or cfg.train.precision == "bf16-mixed" or cfg.train.cpu_offload))
-
 
 def import_plugins(cfg: Config) -> None:
     """User modules named in train.plugins, imported before the model is built, so that the kernels
@@ -96,7 +48,7 @@ def import_plugins(cfg: Config) -> None:
             raise ConfigError(f"train.plugins: cannot import {name!r} ({e})") from None
 
 
-def build_model(cfg: Config, model_dir: Path, proc: Dist) -> Transformer:
+def build_model(cfg: Config, model_dir: Path, proc: Process) -> Transformer:
     """The model to train. Without FSDP: loaded whole, then parallelized. Under FSDP no rank ever
     holds the whole model: built on the meta device, parallelized (checkpointing, compile,
     fully_shard), then each rank fills its own shards from the files."""
@@ -120,7 +72,7 @@ def build_model(cfg: Config, model_dir: Path, proc: Dist) -> Transformer:
     return model
 
 
-def parallelize(model: Transformer, cfg: Config, proc: Dist) -> Transformer:
+def parallelize(model: Transformer, cfg: Config, proc: Process) -> Transformer:
     """Activation checkpointing, then compile, then FSDP, per block: the order every run (and
     every benchmark row) applies them in."""
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
@@ -135,7 +87,7 @@ def parallelize(model: Transformer, cfg: Config, proc: Dist) -> Transformer:
 # validation loss: every rank runs the same number of forwards (FSDP all-gathers in each)
 
 @torch.no_grad()
-def validation_loss(model, examples: list[Example], cfg: Config, proc: Dist, autocast, pad_id: int) -> float:
+def validation_loss(model, examples: list[Example], cfg: Config, proc: Process, autocast, pad_id: int) -> float:
     if not examples:
         return float("nan")
     m = cfg.train.micro_batch_size
@@ -163,18 +115,11 @@ def validation_loss(model, examples: list[Example], cfg: Config, proc: Dist, aut
 # ------------------------------------------------------------------------------------------------
 # the run
 
-def prepare_base(cfg: Config, run_dir: Path, proc: Dist) -> Path:
+def prepare_base(cfg: Config, run_dir: Path, proc: Process) -> Path:
     """The base model: model.path (an HF directory or a GGUF file), or a tiny model pretrained here
     from scratch."""
     if cfg.model.path:
-        path = Path(cfg.model.path)
-        if str(path).lower().endswith(".gguf"):
-            if not path.is_file():
-                raise ConfigError(f"model.path={cfg.model.path!r}: no such file")
-            return path
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"model.path={cfg.model.path!r}: no config.json there (and not a .gguf file)")
-        return path
+        return check_source(cfg.model.path, "model.path")
     from ftcore.pretrain import pretrain_base
     base = run_dir / "base"
     if proc.is_main and not (base / "config.json").is_file():
@@ -189,7 +134,8 @@ def train(cfg: Config) -> dict:
     proc = init_distributed(cfg.train.device, need_group=use_fsdp(cfg, 1), cpu_collectives=cfg.train.cpu_offload)
     if proc.device.type == "cpu" and (said := keep_freed_memory()) and proc.is_main:
         print(said, flush=True)
-    validate_switches(cfg, proc.device, accumulation_steps(cfg, proc.world_size))  # before anything is written
+    check_offload(cfg.train, proc.device)  # before anything is written
+    check_optimizer_in_backward(cfg, accumulation_steps(cfg, proc.world_size))
     lock = RunLock(Path(cfg.run.dir)) if proc.is_main else None
     try:
         run = set_up(cfg, proc)
@@ -226,7 +172,7 @@ class Run:
         self.phase_s[name] = time.perf_counter() - t_phase
 
 
-def set_up(cfg: Config, proc: Dist) -> Run:
+def set_up(cfg: Config, proc: Process) -> Run:
     torch.manual_seed(cfg.run.seed)
     run_dir = Path(cfg.run.dir)
     say = print if proc.is_main else (lambda *_: None)
@@ -246,8 +192,8 @@ def set_up(cfg: Config, proc: Dist) -> Run:
     t_start = time.perf_counter()
     base_dir = prepare_base(cfg, run_dir, proc)
     pretrain_s = time.perf_counter() - t_start
-    tokenizer = Tokenizer.from_dir(base_dir)
-    datasets = prepare_datasets(cfg, tokenizer)
+    tokenizer = load_tokenizer(base_dir)
+    datasets = prepare_datasets(cfg.data, tokenizer, seed=cfg.run.seed, train_cfg=cfg.train)
     check_splits(cfg, datasets)
     # "auto" becomes this machine's choice for this model, once; config.toml records the choice.
     # Rank 0 decides (the CPU probe times matmuls: ranks timing at once would slow each other and
@@ -285,7 +231,7 @@ def set_up(cfg: Config, proc: Dist) -> Run:
     return run
 
 
-def fine_tune(cfg: Config, proc: Dist, run: Run):
+def fine_tune(cfg: Config, proc: Process, run: Run):
     """The loop: every step's examples from the sampler, its micro-batches on this rank, one update.
     Returns the trained model."""
     t_phase = time.perf_counter()
@@ -317,19 +263,15 @@ def fine_tune(cfg: Config, proc: Dist, run: Run):
     for step in range(start_step, cfg.train.max_steps):
         t0 = time.perf_counter()
         indices = sampler.indices(step)
-        n_target = sum(train_targets[i] for i in indices)
+        num_targets = sum(train_targets[i] for i in indices)
         step_tokens = sum(train_tokens[i] for i in indices)
         batches = micro_batches([train_set[i] for i in indices], cfg.train.micro_batch_size, accum_steps=accum,
                                 rank=proc.rank, world_size=proc.world_size, mode=cfg.data.batching, pad_id=pad_id,
                                 max_seq_len=cfg.data.max_seq_len)
-        loss_sum, grad_norm = train_step(model, optimizer, [to_device(b, proc.device) for b in batches],
-                                         n_target, autocast, cfg.train.grad_clip, reduce_scale, offload)
-        all_reduce_sum(loss_sum)
-        loss, gnorm = torch.stack([loss_sum.float() / max(n_target, 1), grad_norm.float()]).tolist()  # the step's one host sync
+        loss_sum = forward_backward(model, [to_device(b, proc.device) for b in batches], num_targets, autocast,
+                                    reduce_scale, offload)
         lr = scheduler.get_last_lr()[0]
-        if skipped.update_allowed(step, loss, gnorm):
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss, gnorm = optimizer_step(model, optimizer, loss_sum, num_targets, cfg.train.grad_clip, skipped, step)
         scheduler.step()
         sampler.seek(step + 1)
         tokens_seen += step_tokens
@@ -338,7 +280,7 @@ def fine_tune(cfg: Config, proc: Dist, run: Run):
 
         if done % cfg.log.every == 0 or done == cfg.train.max_steps:
             rec = {"step": done, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens": tokens_seen,
-                   "completion_tokens": n_target, "tokens_per_s": step_tokens / step_s,
+                   "completion_tokens": num_targets, "tokens_per_s": step_tokens / step_s,
                    "peak_mem_bytes": peak_mem_bytes(proc.device)}
             log.write(rec)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / step_s:.0f}",
@@ -358,30 +300,7 @@ def fine_tune(cfg: Config, proc: Dist, run: Run):
     return model
 
 
-class NonFiniteSkips:
-    """train.nonfinite: stop at a non-finite loss or gradient norm, or skip the update, but never
-    more than train.max_skipped_steps steps in a row."""
-
-    def __init__(self, cfg: Config, bar):
-        self.mode, self.limit, self.bar, self.in_a_row = cfg.train.nonfinite, cfg.train.max_skipped_steps, bar, 0
-
-    def update_allowed(self, step: int, loss: float, gnorm: float) -> bool:
-        if math.isfinite(loss) and math.isfinite(gnorm):
-            self.in_a_row = 0
-            return True
-        if self.mode == "stop":
-            raise NonFiniteError(f"step {step + 1}: non-finite loss ({loss}) or grad norm ({gnorm}); "
-                                 "lower train.lr or set train.nonfinite=skip")
-        self.in_a_row += 1
-        if self.in_a_row >= self.limit:
-            raise NonFiniteError(f"step {step + 1}: {self.in_a_row} non-finite steps in a row were skipped "
-                                 f"(train.max_skipped_steps={self.limit}); lower train.lr")
-        if self.bar is not None:
-            self.bar.write(f"step {step + 1}: non-finite loss ({loss}) or grad norm ({gnorm}), update skipped")
-        return False
-
-
-def finish(cfg: Config, proc: Dist, run: Run, model) -> dict:
+def finish(cfg: Config, proc: Process, run: Run, model) -> dict:
     """Export final/, evaluate it, write the report and the curves; returns eval.json's content."""
     from ftcore.evaluate import evaluate_for_run, write_report
     t_phase = time.perf_counter()
@@ -390,7 +309,7 @@ def finish(cfg: Config, proc: Dist, run: Run, model) -> dict:
         fsdp = use_fsdp(cfg, proc.world_size)
         # under FSDP: what the gathers and the file being written hold in host memory at the peak
         with AllocationTrace() if fsdp else contextlib.nullcontext() as mem:
-            ckpt.export_hf(model, final_dir, proc, run.tokenizer, max_shard_bytes=cfg.checkpoint.max_shard_mb * 2**20)
+            export_hf(model, final_dir, proc, run.tokenizer, max_shard_bytes=cfg.checkpoint.max_shard_mb * 2**20)
         if fsdp:
             print(f"rank {proc.rank}: exported {final_dir} tensor by tensor; peak host memory allocated "
                   f"{mem.peak / 2**20:,.1f} MiB", flush=True)
@@ -415,7 +334,7 @@ def finish(cfg: Config, proc: Dist, run: Run, model) -> dict:
 
 def draw_curves(run_dir: Path) -> None:
     """RUN_DIR/curves.png for eval.md, when matplotlib is installed (an optional extra)."""
-    from ftcore.plot import plot_run
+    from ftcore.evaluation.plot import plot_run
     try:
         plot_run(run_dir)
     except ConfigError:

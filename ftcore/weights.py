@@ -30,7 +30,8 @@ import torch
 
 from ftcore.files import write_atomic
 from ftcore.gguf import is_gguf
-from ftcore.hf import IGNORED_TENSORS, config_to_hf, hf_to_ours, ours_to_hf, read_config  # noqa: F401 (name mapping re-exported)
+from ftcore.hf import IGNORED_TENSORS, config_to_hf, hf_to_ours, ours_to_hf  # noqa: F401 (name mapping re-exported)
+from ftcore.source import checkpoint_dtype, read_config
 from ftcore.model import ModelConfig, Transformer
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -49,16 +50,6 @@ def _weight_files(path: Path) -> list[Path]:
     if single.is_file():
         return [single]
     raise WeightsError(f"{path}: no model.safetensors or model.safetensors.index.json")
-
-
-def checkpoint_dtype(path: Path) -> torch.dtype:
-    """The dtype config.json says the weights are stored in (fp32 where it says nothing; a GGUF
-    file is dequantized to fp32)."""
-    if is_gguf(path):
-        return torch.float32
-    d = json.loads((Path(path) / "config.json").read_text())
-    name = d.get("dtype") or d.get("torch_dtype") or "float32"
-    return getattr(torch, name, torch.float32)
 
 
 def _target(file: Path, hf_name: str, shape, cfg: ModelConfig, expected: dict) -> str | None:

@@ -21,7 +21,7 @@ Registered losses: "torch" (reference: full logits), "chunked" (labelled rows on
 gradients in forward, plain torch), "triton" (the same with the fused Triton kernel; CUDA, or CPU
 under TRITON_INTERPRET=1), "compile" (torch.compile of the reference).
 
-Layer kernels, each "torch" (the model's own functions in ftcore.model, the reference) and
+Layer kernels, each "torch" (the model's own functions, kernels/reference.py) and
 "triton" (fused forward and backward, rmsnorm.py / rope.py / swiglu.py):
 
     rmsnorm  fn(x (..., H), weight (H,), eps) -> weight * round(x * rsqrt(mean(x^2) + eps))
@@ -37,6 +37,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import reference
 from .linear_cross_entropy import linear_cross_entropy  # no triton import: the kernel loads lazily
 
 LossFn = Callable[..., torch.Tensor]
@@ -131,18 +132,17 @@ def require_triton_device(x: torch.Tensor, kind: str) -> None:
 
 
 def _lazy(module: str, name: str) -> Callable[[], Callable]:
-    """A factory that imports `name` from `module` on first use: ftcore.model for the torch
-    references (the model imports this package, not the other way round), the Triton modules
-    because triton reads TRITON_INTERPRET at import."""
+    """A factory that imports `name` from `module` on first use: the Triton modules, because
+    triton reads TRITON_INTERPRET at import."""
     def factory():
         import importlib
         return getattr(importlib.import_module(module, __package__), name)
     return factory
 
 
-register_kernel("rmsnorm", "torch", _lazy("ftcore.model", "rms_norm"), lazy=True)
-register_kernel("rope", "torch", _lazy("ftcore.model", "apply_rope_qk"), lazy=True)
-register_kernel("swiglu", "torch", _lazy("ftcore.model", "swiglu"), lazy=True)
+register_kernel("rmsnorm", "torch", reference.rms_norm)
+register_kernel("rope", "torch", reference.apply_rope_qk)
+register_kernel("swiglu", "torch", reference.swiglu)
 register_kernel("rmsnorm", "triton", _lazy(".rmsnorm", "rms_norm"), lazy=True)
 register_kernel("rope", "triton", _lazy(".rope", "rope"), lazy=True)
 register_kernel("swiglu", "triton", _lazy(".swiglu", "swiglu"), lazy=True)

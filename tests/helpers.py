@@ -108,7 +108,7 @@ def make_run_setup(root, n_records: int = 96, vocab_size: int = 384, hidden_size
     a tiny HF checkpoint with a BPE tokenizer trained on those reviews."""
     import json
 
-    from ftcore.reviews import generate_reviews, pretraining_texts
+    from ftcore.data.reviews import generate_reviews, pretraining_texts
     from ftcore.tokenizer import Tokenizer
     from ftcore.weights import save_pretrained
 
@@ -204,16 +204,20 @@ def run_cli(args: list[str], nproc: int = 0, timeout=240, env_extra=None):
                           timeout=timeout)
 
 
-def run_ranks(args: list[str], nranks: int = 2, timeout=120, env_extra=None) -> list[tuple[int, str, str]]:
+FAULTY_CLI = [str(Path(__file__).resolve().parent / "faulty_cli.py")]  # ftcore with faults injected
+
+
+def run_ranks(args: list[str], nranks: int = 2, timeout=120, env_extra=None, cli=("-m", "ftcore.cli")) -> list[tuple[int, str, str]]:
     """`ftcore ARGS` as nranks processes that find each other through RANK / WORLD_SIZE / MASTER_*
     (no torchrun: its agent stops the other ranks once one fails, and here each rank's own ending
-    is the point). [(returncode, stdout, stderr)] per rank; a rank that hangs hits the timeout."""
+    is the point). [(returncode, stdout, stderr)] per rank; a rank that hangs hits the timeout.
+    cli: FAULTY_CLI for ftcore with faults injected."""
     import os
     import random
     import subprocess
     import sys
     port = random.randint(20000, 40000)
-    procs = [subprocess.Popen([sys.executable, "-m", "ftcore.cli", *args], cwd=Path(__file__).resolve().parents[1],
+    procs = [subprocess.Popen([sys.executable, *cli, *args], cwd=Path(__file__).resolve().parents[1],
                               text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nranks),
                                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",

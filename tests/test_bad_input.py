@@ -222,7 +222,7 @@ def test_skipped_steps_stop_after_a_few_in_a_row(setup, tmp_path, capsys):
 def test_ctrl_c_is_a_clean_exit(setup, tmp_path, capsys, monkeypatch):
     import ftcore.train
     from ftcore.checkpoint import verify_checkpoint
-    real_step = ftcore.train.train_step
+    real_step = ftcore.train.forward_backward
     calls = []
 
     def interrupted(*a, **kw):
@@ -230,12 +230,12 @@ def test_ctrl_c_is_a_clean_exit(setup, tmp_path, capsys, monkeypatch):
         if len(calls) == 4:
             raise KeyboardInterrupt
         return real_step(*a, **kw)
-    monkeypatch.setattr(ftcore.train, "train_step", interrupted)
+    monkeypatch.setattr(ftcore.train, "forward_backward", interrupted)
     run = tmp_path / "run"
     rc, lines = _ftcore(capsys, *_run_args(setup, run, "checkpoint.every=2"))
     _one_line(rc, lines, "ftcore train: interrupted (the checkpoints already written are intact", code=130)
     assert verify_checkpoint(run / "checkpoints" / "step_00000002") is None
-    monkeypatch.setattr(ftcore.train, "train_step", real_step)
+    monkeypatch.setattr(ftcore.train, "forward_backward", real_step)
     assert main(_run_args(setup, run, "checkpoint.every=2")) == 0
     assert "resumed from" in capsys.readouterr().out
 

@@ -13,6 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import bench_step  # noqa: E402
+import common  # noqa: E402
+import matrix  # noqa: E402
+from child import ChildSpec, launch  # noqa: E402
+from ftcore.model import ModelConfig  # noqa: E402
 
 
 def test_smoke_table_json_and_sweep(tmp_path):
@@ -24,13 +28,13 @@ def test_smoke_table_json_and_sweep(tmp_path):
     lines = p.stdout.rstrip().splitlines()
     start = max(i for i, line in enumerate(lines) if line.startswith("| row | what changes"))
     table = lines[start + 2:]
-    assert [line.split("|")[1].strip() for line in table] == bench_step.SMOKE_ROWS
+    assert [line.split("|")[1].strip() for line in table] == matrix.SMOKE_ROWS
     assert all(line.count("|") == lines[start].count("|") for line in table)
 
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["meta"]["preset"] == "tiny" and res["meta"]["workload"]["n_labelled"] == 2 * 16
     rows = {r["name"]: r for r in res["rows"]}
-    assert list(rows) == bench_step.SMOKE_ROWS
+    assert list(rows) == matrix.SMOKE_ROWS
     for name, r in rows.items():
         if r["row"]["impl"] == "hf" and importlib.util.find_spec("transformers") is None:
             assert r["status"] == "skipped"
@@ -56,11 +60,12 @@ def test_smoke_table_json_and_sweep(tmp_path):
 
 
 def test_a_failing_row_is_reported_not_fatal(tmp_path):
-    row = bench_step.Row("broken", "a loss kernel that does not exist", loss="no-such-loss")
-    spec = {"row": bench_step.dataclasses.asdict(row), "cfg": bench_step.PRESETS["tiny"]["cfg"], "device": "cpu",
-            "prompt_frac": 0.75, "out": str(tmp_path), "micro_batch": 1, "seq_len": 16, "steps": 1, "warmup": 1}
+    row = matrix.Row("broken", "a loss kernel that does not exist", loss="no-such-loss")
+    spec = ChildSpec(row=row, cfg=ModelConfig(**matrix.PRESETS["tiny"]["cfg"]), device="cpu", prompt_frac=0.75,
+                     out=str(tmp_path), micro_batch=1, seq_len=16, steps=1, warmup=1)
+    assert ChildSpec.from_json(spec.to_json()) == spec
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    res = bench_step.launch(spec, timeout=120, env=env)
+    res = launch(spec, timeout=120, env=env)
     assert res["status"] == "failed" and "no-such-loss" in res["error"]
 
     results = {"meta": {"preset": "tiny", "params": 1, "device": "cpu", "date": "-", "versions": {}, "command": "-",
@@ -84,11 +89,11 @@ def test_estimate_only_for_a_shape_that_does_not_fit(tmp_path, capsys):
 
 
 def test_flop_count_of_llama_3_2_1b():
-    cfg = bench_step.model_config("llama-3.2-1b")
+    cfg = matrix.model_config("llama-3.2-1b")
     B, T = 4, 2048
-    f = bench_step.step_flops(cfg, B, T, n_labelled=B * 512)
+    f = cfg.step_flops(B, T, n_labelled=B * 512)
     # issue 8's "~7.8 GFLOP per token" counts every token's logits; the useful count only labelled ones
     assert abs(f["all_logits"] / (B * T) / 1e9 - 7.82) < 0.01
     assert abs(f["useful"] / (B * T) / 1e9 - 6.64) < 0.01
-    assert bench_step.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
-    assert bench_step.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert common.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert common.peak_tflops("NVIDIA H100 PCIe") == 756.0

@@ -9,8 +9,8 @@ import pytest
 from ftcore.config import DataConfig
 from ftcore.data import chat_template, prepare_datasets
 from ftcore.model import IGNORE_INDEX
-from ftcore.rendering import ChatTemplate
-from ftcore.templates import TemplateError
+from ftcore.data.rendering import ChatTemplate
+from ftcore.data.templates import TemplateError
 from ftcore.tokenizer import Tokenizer
 from helpers import make_run_setup, needs_transformers
 
@@ -118,7 +118,7 @@ def test_the_config_says_which(setup):
     assert chat_template(DataConfig(), tok).name == "chatml"
     plain = Tokenizer.from_dir(setup / "base")  # a base model: no template
     assert chat_template(DataConfig(), plain) is None
-    from ftcore.records import DataError
+    from ftcore.data.records import DataError
     with pytest.raises(DataError, match="has no chat_template"):
         chat_template(DataConfig(prompt_format="chat"), plain)
     tok.config["chat_template"] = "{{ messages[0]['content'] }}"

@@ -12,8 +12,8 @@ from ftcore.config import Config, DataConfig, SyntheticConfig, TrainConfig
 from ftcore.data import IGNORE_INDEX, DataError, Datasets, Example, Rendered, StepSampler, collate, \
     format_stats, heldout_examples, load_records, micro_batches, pack_rows, prepare_datasets, \
     render_records, split_records, tokenize_examples
-from ftcore.reviews import generate_reviews, pretraining_texts
-from ftcore.templates import BUILTIN, TemplateError
+from ftcore.data.reviews import generate_reviews, pretraining_texts
+from ftcore.data.templates import BUILTIN, TemplateError
 from ftcore.tokenizer import Tokenizer
 
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
@@ -448,7 +448,7 @@ def test_split_is_deterministic_grouped_and_follows_ratios():
 def test_prepare_datasets_synthetic(tok):
     cfg = Config(data=DataConfig(synthetic=SyntheticConfig(num_records=200, seed=1)),
                  train=TrainConfig(global_batch_size=8, micro_batch_size=2))
-    ds = prepare_datasets(cfg, tok)
+    ds = prepare_datasets(cfg.data, tok, seed=cfg.run.seed, train_cfg=cfg.train)
     assert isinstance(ds, Datasets)
     ids = [{e.record_id for e in part} for part in (ds.train, ds.validation, ds.test)]
     assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])  # grouped by record
@@ -457,14 +457,14 @@ def test_prepare_datasets_synthetic(tok):
     for part in (ds.train, ds.validation, ds.test):
         assert sorted({e.template for e in part}) == sorted(names)
     assert len(ds.test) == 4 * 20 and ds.stats["splits"]["test"]["records"] == 20
-    again = prepare_datasets(cfg, tok)
+    again = prepare_datasets(cfg.data, tok, seed=cfg.run.seed, train_cfg=cfg.train)
     assert [e.input_ids for e in again.train] == [e.input_ids for e in ds.train]
     text = format_stats(ds.stats)
     for needle in ("synthetic reviews (200 records, seed 1)", "train", "validation", "test", "padding share",
                    "truncated prompts 0", "skipped for a missing field: 0", "completion"):
         assert needle in text, needle
     assert 0 <= ds.stats["padding_share"] < 0.5
-    held = heldout_examples(ds, tok, cfg)
+    held = heldout_examples(ds, tok, cfg.data)
     assert {e.record_id for e in held} == ids[2]
     assert sorted({e.template for e in held}) == sorted(f"{n}@heldout{i}" for n in names for i in (1, 2))
     for e in held:

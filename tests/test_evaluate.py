@@ -11,9 +11,9 @@ from ftcore.data import Rendered, tokenize_examples
 from ftcore.evaluate import (LabelSet, _ShotBuilder, baseline_results, completion_loss, evaluate_model,
                              label_logprobs, label_sets, lead_source, rank_classify, read_generations, run_eval,
                              write_generations, write_report)
-from ftcore.metrics import accuracy, classification_metrics, generation_metrics, normalize_label
+from ftcore.evaluation.metrics import accuracy, classification_metrics, generation_metrics, normalize_label
 from ftcore.model import ModelConfig, Transformer
-from ftcore.report import HEADLINE
+from ftcore.evaluation.report import HEADLINE
 from ftcore.tokenizer import Tokenizer
 
 TEXTS = ["The battery lasts all day and the screen is bright.", "Terrible: it broke after two days.",
@@ -266,7 +266,7 @@ def test_report_samples_from_generation_files(tmp_path):
 
 def test_run_eval_end_to_end(tmp_path):
     """`ftcore eval` on the embedded synthetic reviews: two tiny models, k-shot, held-out paraphrases."""
-    from ftcore.reviews import generate_reviews, pretraining_texts
+    from ftcore.data.reviews import generate_reviews, pretraining_texts
     from ftcore.weights import save_pretrained
 
     tok = Tokenizer.train_bpe(pretraining_texts(generate_reviews(200, seed=1)), vocab_size=600)
@@ -410,7 +410,7 @@ def test_label_sets_come_from_the_completions(tok):
 
 
 def test_baselines_majority_and_lead(tok):
-    from ftcore.templates import BUILTIN
+    from ftcore.data.templates import BUILTIN
     train = [Rendered.simple("p", c, record_id=f"t{i}", template="sentiment", kind="classification")
              for i, c in enumerate([" positive"] * 5 + [" negative"] * 2)]
     train += [Rendered.simple("p", c, record_id=f"s{i}", template="summary", kind="summarization")
@@ -446,8 +446,8 @@ def test_the_report_calls_a_difference_inside_its_interval_a_tie(tmp_path):
     "better"; the majority-class answer gets its low macro-F1 with an interval."""
     import random
 
-    from ftcore.metrics import classification_metrics, rouge
-    from ftcore.report import write_generations, write_report
+    from ftcore.evaluation.metrics import classification_metrics, rouge
+    from ftcore.evaluation.report import write_generations, write_report
     rng = random.Random(0)
     words = ["great", "tasty", "dog", "food", "coffee", "bad"]
     refs = [" ".join(rng.choice(words) for _ in range(3)) for _ in range(300)]

@@ -1,4 +1,4 @@
-"""GGUF in and out (ftcore/gguf.py), checked against transformers' own GGUF reader on the same
+"""GGUF in and out (ftcore/gguf/), checked against transformers' own GGUF reader on the same
 files: every tensor type ftcore reads, both architectures, tied and untied, Llama 3.1 rope scaling,
 every type it writes, the tokenizer's round trip, every bad input, a run that starts from a GGUF
 file and writes one, FSDP ranks reading their rows, and the real SmolLM2-135M-Instruct file.
@@ -329,7 +329,7 @@ def test_bad_gguf_input_is_one_line_and_writes_nothing(wide, tmp_path, capsys, c
 
 def test_a_failed_gguf_write_leaves_nothing_behind(tok, tmp_path, capsys, monkeypatch):
     src = _hf_dir(_model(tok), tok, tmp_path / "hf")
-    import ftcore.gguf as g
+    import ftcore.gguf.writer as g
 
     def broken(*a, **k):
         raise OSError(28, "No space left on device")
@@ -375,7 +375,7 @@ def test_the_real_smollm2_file_reads_as_transformers_reads_it():
     transformers = needs_transformers()
     from tokenizers import pre_tokenizers
 
-    from ftcore.reviews import generate_reviews
+    from ftcore.data.reviews import generate_reviews
     path = Path(SMOLLM2)
     ours = Transformer.from_pretrained(path, dtype=torch.float32).eval()
     assert ours.config.num_params() == 134_515_008

@@ -328,7 +328,7 @@ def test_config_train_kernels(tmp_path):
 
 def test_from_pretrained_and_build_model_pass_kernels(tmp_path):
     from ftcore.config import Config
-    from ftcore.parallel import Dist
+    from ftcore.parallel import Process
     from ftcore.train import build_model
     from ftcore.weights import save_pretrained
 
@@ -339,12 +339,12 @@ def test_from_pretrained_and_build_model_pass_kernels(tmp_path):
     cfg = Config()
     cfg.train.kernels = dict(ALL_TRITON)
     cfg.train.loss = "torch"
-    model = build_model(cfg, tmp_path, Dist())
+    model = build_model(cfg, tmp_path, Process())
     assert model.norm.kernel is get_kernel("rmsnorm", "triton")
     assert model.layers[1].mlp.swiglu_kernel is get_kernel("swiglu", "triton")
     cfg.train.kernels = {"swiglu": "nope"}
     with pytest.raises(ConfigError, match="train.kernels.swiglu: unknown kernel 'nope'"):
-        build_model(cfg, tmp_path, Dist())
+        build_model(cfg, tmp_path, Process())
 
 
 # --- GPU (pytest -m gpu, FTCORE_TEST_CUDA=1): workload B's sizes ---------------------------------

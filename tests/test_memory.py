@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ftcore.memory import (AllocationTrace, estimate_peak_bytes, estimate_report, optimizer_state_tensors,
+from ftcore.estimate import estimate_peak_bytes, estimate_report
+from ftcore.memory import (AllocationTrace, optimizer_state_tensors,
                            saved_tensor_bytes, tensor_bytes)
 from ftcore.model import ModelConfig, Transformer
 from ftcore.parallel import apply_activation_checkpointing

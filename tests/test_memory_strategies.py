@@ -123,7 +123,7 @@ def test_optimizer_in_backward_two_processes_and_resume(tiny, tmp_path):
 def test_checkpoint_round_trip_keeps_per_parameter_states(tiny, tmp_path):
     """DCP through the wrapper: every per-parameter state and lr comes back, bf16 states stay bf16."""
     from ftcore import checkpoint as ckpt
-    from ftcore.parallel import Dist
+    from ftcore.parallel import Process
 
     def build():
         model = Transformer.from_pretrained(tiny / "base")
@@ -137,10 +137,10 @@ def test_checkpoint_round_trip_keeps_per_parameter_states(tiny, tmp_path):
         model(ids, labels=ids)[0].backward()
     for g in opt.param_groups:
         g["lr"] = 5e-4
-    path = ckpt.save_checkpoint(tmp_path, 2, model, opt, {"step": 2}, Dist(), keep=1)
+    path = ckpt.save_checkpoint(tmp_path, 2, model, opt, {"step": 2}, Process(), keep=1)
 
     model2, opt2 = build()
-    ckpt.load_checkpoint(path, model2, opt2, Dist())
+    ckpt.load_checkpoint(path, model2, opt2, Process())
     assert len(opt2.state) == len(list(model2.parameters()))
     for (p, q) in zip(model.parameters(), model2.parameters()):
         s, t = opt.state[p], opt2.state[q]

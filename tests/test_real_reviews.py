@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ftcore.cleaning import clean_html, dedupe
+from ftcore.data.cleaning import clean_html, dedupe
 from ftcore.config import ConfigError, load_config
 from ftcore.data import Rendered, balance_classes, load_data_records, prepare_datasets
 from ftcore.tokenizer import Tokenizer

@@ -12,7 +12,7 @@ import pytest
 
 from ftcore.export import export
 from ftcore.model import ModelConfig, Transformer
-from ftcore.reviews import generate_reviews
+from ftcore.data.reviews import generate_reviews
 from ftcore.tokenizer import Tokenizer
 from ftcore.weights import save_pretrained
 from helpers import make_run_setup, randomize_, run_cli

@@ -3,7 +3,7 @@ resolving data.templates."""
 import pytest
 
 from ftcore.config import DataConfig
-from ftcore.templates import BUILTIN, HELDOUT, KINDS, MissingField, Template, TemplateError, \
+from ftcore.data.templates import BUILTIN, HELDOUT, KINDS, MissingField, Template, TemplateError, \
     heldout_templates, parse_rating, resolve_templates
 
 REVIEW = {"rating": 4, "summary": "Solid kettle", "text": "The handle is nice.", "product": "Lumo kettle"}
@@ -139,8 +139,8 @@ def test_training_paraphrases_never_meet_the_heldout_ones():
     import random
 
     from ftcore.data import ensure_record_ids, render_records
-    from ftcore.reviews import generate_reviews
-    from ftcore.templates import TRAIN_PARAPHRASES, training_variants
+    from ftcore.data.reviews import generate_reviews
+    from ftcore.data.templates import TRAIN_PARAPHRASES, training_variants
 
     for task, variants in TRAIN_PARAPHRASES.items():
         assert all(v.name == task and v.kind == BUILTIN[task].kind for v in variants)

@@ -17,7 +17,7 @@ import torch
 from ftcore.config import load_config
 from ftcore.model import ModelConfig, Transformer
 from ftcore.tokenizer import Tokenizer
-from helpers import make_run_setup, run_cli, run_overrides, run_ranks
+from helpers import FAULTY_CLI, make_run_setup, run_cli, run_overrides, run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,17 +54,17 @@ def _step_grads(tiny_setup, tmp_path, micro: int, ac: str = "none"):
     """Gradients of the first optimizer step of a global batch of 8, via the loop's own pieces."""
     from ftcore.data import StepSampler, micro_batches, prepare_datasets
     from ftcore.parallel import apply_activation_checkpointing
-    from ftcore.train import train_step
+    from ftcore.step import forward_backward
     import contextlib
     cfg = load_config(None, _overrides(tiny_setup, tmp_path / "g", train=dict(micro_batch_size=micro), data=dict(templates='["review", "rating"]')))
     tok = Tokenizer.from_dir(tiny_setup / "base")
-    ds = prepare_datasets(cfg, tok)
+    ds = prepare_datasets(cfg.data, tok, seed=cfg.run.seed, train_cfg=cfg.train)
     model = Transformer.from_pretrained(tiny_setup / "base")
     apply_activation_checkpointing(model, ac)
     ex = [ds.train[i] for i in StepSampler(len(ds.train), 8, 0).indices(0)]
     lengths = sorted(e.num_targets for e in ex)
     batches = micro_batches(ex, micro, accum_steps=8 // micro, pad_id=tok.pad_id)
-    loss_sum, _ = train_step(model, None, batches, sum(e.num_targets for e in ex), contextlib.nullcontext(), 0.0)
+    loss_sum = forward_backward(model, batches, sum(e.num_targets for e in ex), contextlib.nullcontext())
     return loss_sum, {n: p.grad.clone() for n, p in model.named_parameters()}, lengths
 
 
@@ -90,14 +90,21 @@ def test_activation_checkpointing_same_gradients(tiny_setup, tmp_path, mode):
 
 
 def test_zero_completion_tokens_step(tiny_setup):
-    from ftcore.train import train_step
+    """No completion token: zero loss, zero (finite) gradients, and the update runs on them."""
+    from ftcore.step import clip_gradients, forward_backward, optimizer_step
     import contextlib
     model = Transformer.from_pretrained(tiny_setup / "base")
     ids = torch.randint(0, 100, (2, 9))
     batch = {"input_ids": ids, "labels": torch.full_like(ids, -100), "position_ids": torch.arange(9).expand(2, 9)}
-    loss_sum, gnorm = train_step(model, None, [batch], 0, contextlib.nullcontext(), 1.0)
-    assert loss_sum.item() == 0.0 and gnorm.item() == 0.0
+    loss_sum = forward_backward(model, [batch], 0, contextlib.nullcontext())
+    assert loss_sum.item() == 0.0 and clip_gradients(model, None, 1.0, loss_sum.device).item() == 0.0
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    from ftcore.config import Config
+    from ftcore.step import NonFiniteSkips
+    assert optimizer_step(model, opt, loss_sum, 0, 1.0, NonFiniteSkips(Config(), None)) == (0.0, 0.0)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters())) and all(p.grad is None for p in model.parameters())
 
 
 def test_metrics_and_run_dir(tiny_setup, tmp_path):
@@ -165,7 +172,7 @@ def test_a_save_that_fails_on_one_rank_stops_every_rank(tiny_setup, tmp_path):
     none waits at a barrier, and no half-written checkpoint is left."""
     args = ["train", "configs/tiny_cpu.toml", *_overrides(tiny_setup, tmp_path / "run", train=dict(max_steps=4, fsdp="on"),
                                                           checkpoint=dict(every=2))]
-    ranks = run_ranks(args, env_extra={"FTCORE_TEST_FAIL_SAVE_RANK": "1"})
+    ranks = run_ranks(["--fail-save-rank", "1", *args], cli=FAULTY_CLI)
     for code, _, err in ranks:
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and "saving checkpoint step_00000002" in lines[0], err[-3000:]
@@ -195,8 +202,9 @@ def test_sigkill_and_resume_gives_identical_losses(tiny_setup, tmp_path):
 
     run = tmp_path / "killed"
     ckpts = run / "checkpoints"
-    args = [sys.executable, "-m", "ftcore.cli", "train", "configs/tiny_cpu.toml", *_overrides(tiny_setup, run, **common)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", FTCORE_TEST_SAVE_DELAY_S="0.3")
+    args = [sys.executable, *FAULTY_CLI, "--save-delay-s", "0.3", "train", "configs/tiny_cpu.toml",
+            *_overrides(tiny_setup, run, **common)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
 
     def n_metrics():
         p = run / "metrics.jsonl"
@@ -249,7 +257,7 @@ def test_plugin_registers_a_loss_kernel(tiny_setup, tmp_path, monkeypatch):
 
 def test_non_finite_loss_stops_or_skips(tiny_setup, tmp_path):
     from ftcore.kernels import get_loss, register_loss
-    from ftcore.train import NonFiniteError
+    from ftcore.step import NonFiniteError
 
     def nan_at_step_2(hidden, weight, labels, **kw):
         nan_at_step_2.calls += 1

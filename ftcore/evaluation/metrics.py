@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import math
 import re
-import string
 from collections import Counter
+
+from ftcore.data.templates import normalize_label  # noqa: F401 (the metrics' comparison)
 
 # ---------------------------------------------------------------------------------------------
 # ROUGE, as rouge-score computes it
@@ -155,15 +156,7 @@ def bleu(predictions: list[str], references: list[str], max_order: int = 4) -> f
 # ---------------------------------------------------------------------------------------------
 # classification
 
-_PUNCT = str.maketrans("", "", string.punctuation)
 OFF_LABEL = "(other)"  # the confusion-matrix column of answers outside the label set
-
-
-def normalize_label(text: str) -> str:
-    """A classification answer as compared: its first non-empty line, lowercased, without
-    punctuation, whitespace collapsed (' Positive.' == 'positive')."""
-    line = text.strip().split("\n", 1)[0]
-    return " ".join(line.lower().translate(_PUNCT).split())
 
 
 def accuracy(predictions: list[str], references: list[str]) -> float:

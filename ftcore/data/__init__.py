@@ -1,6 +1,6 @@
-"""Instruction data, assembled for a run from its stages: records (ftcore.records: load, rename,
-split), rendering (ftcore.rendering: prompt/completion pairs), tokenisation with a completion mask
-(ftcore.examples), batching (ftcore.batching: pad, bucket or pack).
+"""Instruction data, assembled for a run from its stages: records (ftcore.data.records: load, rename,
+split), rendering (ftcore.data.rendering: prompt/completion pairs), tokenisation with a completion mask
+(ftcore.data.examples), batching (ftcore.data.batching: pad, bucket or pack).
 
     records (dicts)  --split by record-->  train / validation / test records
         --render (templates, or the record's own instruction format)-->  Rendered
@@ -27,17 +27,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftcore.batching import (StepSampler, collate, micro_batches, order_for_batching, pack_rows,  # noqa: F401
+from ftcore.config import DataConfig, TrainConfig
+from ftcore.data.batching import (StepSampler, collate, micro_batches, order_for_batching, pack_rows,  # noqa: F401
                              padding_share)
-from ftcore.cleaning import clean_records, dedupe
-from ftcore.examples import Example, example_stats, label_counts, tokenize_examples  # noqa: F401
+from ftcore.data.cleaning import clean_records, dedupe
+from ftcore.data.examples import Example, example_stats, label_counts, tokenize_examples  # noqa: F401
 from ftcore.model import IGNORE_INDEX  # noqa: F401 (re-exported)
-from ftcore.records import (_PRIVATE, FORMATS, DataError, apply_rename, check_unique_ids,  # noqa: F401
+from ftcore.data.records import (_PRIVATE, FORMATS, DataError, apply_rename, check_unique_ids,  # noqa: F401
                             ensure_record_ids, load_records, split_records)
-from ftcore.rendering import (CHAT_FORMATS, ChatTemplate, Rendered, balance_classes, record_format,  # noqa: F401
+from ftcore.data.rendering import (CHAT_FORMATS, ChatTemplate, Rendered, balance_classes, record_format,  # noqa: F401
                               render_chat, render_record, render_records)
-from ftcore.reviews import generate_reviews
-from ftcore.templates import DERIVED_FROM, Template, heldout_templates, resolve_templates
+from ftcore.data.reviews import generate_reviews
+from ftcore.data.templates import DERIVED_FROM, Template, heldout_templates, resolve_templates
 
 # The modules above hold each stage; this one assembles a run's datasets from them (and re-exports
 # their names, which is where users and tests have always imported them from).
@@ -82,13 +83,6 @@ class Datasets:
 
     def split(self, name: str) -> list[Example]:
         return {"train": self.train, "validation": self.validation, "test": self.test}[name]
-
-
-def _unpack(cfg, seed: int | None):
-    """Config -> (data config, seed, train config); DataConfig -> (itself, seed or 0, None)."""
-    if hasattr(cfg, "data"):
-        return cfg.data, cfg.run.seed if seed is None else seed, cfg.train
-    return cfg, 0 if seed is None else seed, None
 
 
 def data_source(data_cfg) -> str:
@@ -138,11 +132,11 @@ def chat_template(data_cfg, tokenizer) -> ChatTemplate | None:
     return ChatTemplate.recognise(text, where="the model's chat_template")
 
 
-def prepare_datasets(cfg, tokenizer, records: list[dict] | None = None, seed: int | None = None) -> Datasets:
-    """cfg: a Config (seed = run.seed; padding share estimated with train.*) or a DataConfig.
-    Training examples: each train record with each template, per weights (see render_records);
-    validation/test: each record with every selected template once (per-task metrics)."""
-    data_cfg, seed, train_cfg = _unpack(cfg, seed)
+def prepare_datasets(data_cfg: DataConfig, tokenizer, records: list[dict] | None = None, seed: int = 0,
+                     train_cfg: TrainConfig | None = None) -> Datasets:
+    """The splits of `seed` (a run's run.seed). Training examples: each train record with each
+    template, per weights (see render_records); validation/test: each record with every selected
+    template once (per-task metrics). train_cfg: the padding share of its batches is estimated."""
     source = data_source(data_cfg) if records is None else "records"
     if data_cfg.chat_format not in CHAT_FORMATS:
         raise DataError(f"data.chat_format must be one of {', '.join(CHAT_FORMATS)}, got {data_cfg.chat_format!r}")
@@ -203,11 +197,10 @@ def prepare_datasets(cfg, tokenizer, records: list[dict] | None = None, seed: in
     return Datasets(examples["train"], examples["validation"], examples["test"], stats, splits)
 
 
-def heldout_examples(records_or_split, tokenizer, cfg) -> list[Example]:
+def heldout_examples(records_or_split, tokenizer, data_cfg: DataConfig) -> list[Example]:
     """The records (default: a Datasets' test records) rendered with the held-out paraphrases of
     every selected built-in template; template names like 'rating@heldout1'. Records lacking a
     field are skipped here whatever data.missing_field says (they were handled already)."""
-    data_cfg, _, _ = _unpack(cfg, None)
     records = records_or_split.records["test"] if isinstance(records_or_split, Datasets) else records_or_split
     paraphrases = [(h, 1.0) for t, _ in resolve_templates(data_cfg) for h in heldout_templates(t.name)]
     plain = [r for r in records if record_format(r) is None]

@@ -22,6 +22,8 @@ completion; they are never used for training, only to measure instruction follow
 from __future__ import annotations
 
 import re
+import string
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -336,3 +338,23 @@ def resolve_templates(data_cfg) -> list[tuple[Template, float]]:
         seen.add(name)
         out.append((avail[name], float(weight)))
     return out
+
+
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def normalize_label(text: str) -> str:
+    """A classification answer as compared: its first non-empty line, lowercased, without
+    punctuation, whitespace collapsed (' Positive.' == 'positive')."""
+    line = text.strip().split("\n", 1)[0]
+    return " ".join(line.lower().translate(_PUNCT).split())
+
+
+def label_counts(items) -> dict[str, dict[str, int]]:
+    """{template: {label: count}} of the classification items (rendered records or examples: anything
+    with .kind, .template and .completion), labels in sorted order."""
+    counts: dict[str, Counter] = {}
+    for e in items:
+        if e.kind == "classification":
+            counts.setdefault(e.template, Counter())[normalize_label(e.completion)] += 1
+    return {t: dict(sorted(c.items())) for t, c in counts.items()}

@@ -5,10 +5,10 @@ from __future__ import annotations
 import statistics
 from collections import Counter, defaultdict
 
-from ftcore.examples import group_by_task
-from ftcore.metrics import generation_metrics, natural_order, normalize_label
-from ftcore.rendering import record_format
-from ftcore.templates import DERIVATIONS
+from ftcore.data.examples import group_by_task
+from ftcore.evaluation.metrics import generation_metrics, natural_order, normalize_label
+from ftcore.data.rendering import record_format
+from ftcore.data.templates import DERIVATIONS
 
 
 def lead_source(record: dict, template) -> str:

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import random
 import re
-from collections import Counter
 from dataclasses import dataclass
 
-from ftcore.records import DataError
-from ftcore.templates import (ALPACA, ALPACA_NO_INPUT, PROMPT_COMPLETION, MissingField, Template, TemplateError,
+from ftcore.data.records import DataError
+from ftcore.data.templates import (ALPACA, ALPACA_NO_INPUT, PROMPT_COMPLETION, MissingField, Template, TemplateError, label_counts, normalize_label,
                               training_variants)
 
 
@@ -220,13 +219,8 @@ def balance_classes(rendered: list[Rendered], strength: float, rng: random.Rando
     every class equally frequent (a class of 5 % is then drawn ~4x, one of 62 % ~0.3x for five
     classes). The template's total stays as it was, so the task mix does not change; the copies of
     an example are floor(w) plus one more with probability frac(w), drawn with `rng`."""
-    from ftcore.metrics import normalize_label
-    groups: dict[str, Counter] = {}
-    for r in rendered:
-        if r.kind == "classification":
-            groups.setdefault(r.template, Counter())[normalize_label(r.completion)] += 1
     weight = {}
-    for template, counts in groups.items():
+    for template, counts in label_counts(rendered).items():
         total = sum(counts.values())
         mass = sum(n ** (1 - strength) for n in counts.values())
         for label, n in counts.items():

@@ -244,7 +244,7 @@ def add_intervals(results: dict, generations: dict[str, dict[str, list[dict]]], 
     rank_HEADLINE_ci for ranked labels), and under finetuned[task]["vs"][other] the paired interval
     of the fine-tuned model's headline minus the other's (its answer or its ranked labels, whichever
     scores higher), with a verdict: "better" only when the whole interval is above 0."""
-    from ftcore.metrics import Resampler
+    from ftcore.evaluation.metrics import Resampler
     for task in dict.fromkeys(t for sec in results.values() for t in sec):
         some = next(results[s][task] for s in results if task in results[s])
         metric = HEADLINE.get(_kind(some))

@@ -8,9 +8,9 @@ import math
 import numpy as np
 import torch
 
-from ftcore.examples import Example
+from ftcore.data.examples import Example
 from ftcore.model import IGNORE_INDEX
-from ftcore.records import DataError
+from ftcore.data.records import DataError
 
 
 def padding_share(lengths: list[int], mode: str, micro_batch_size: int, global_batch_size: int,

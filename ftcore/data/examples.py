@@ -2,13 +2,13 @@
 truncation that keeps the answer, and their statistics."""
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 from ftcore.model import IGNORE_INDEX
-from ftcore.records import DataError
-from ftcore.rendering import Rendered
+from ftcore.data.records import DataError
+from ftcore.data.rendering import Rendered
+from ftcore.data.templates import label_counts  # noqa: F401 (re-exported)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,16 +124,6 @@ def example_stats(examples: list[Example]) -> dict[str, Any]:
             "mean_len": sum(lengths) / max(len(lengths), 1), "max_len": max(lengths, default=0),
             "truncated": sum(e.truncated for e in examples), "templates": per_template}
 
-
-
-def label_counts(examples) -> dict[str, dict[str, int]]:
-    """{template: {label: examples}} of the classification examples, labels in sorted order."""
-    from ftcore.metrics import normalize_label
-    counts: dict[str, Counter] = {}
-    for e in examples:
-        if e.kind == "classification":
-            counts.setdefault(e.template, Counter())[normalize_label(e.completion)] += 1
-    return {t: dict(sorted(c.items())) for t, c in counts.items()}
 
 
 def group_by_task(examples, max_examples: int = 0, max_heldout_examples: int = 0) -> dict[str, list]:

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from ftcore.config import ConfigError
-from ftcore.report import CURVES
+from ftcore.evaluation.report import CURVES
 
 
 def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
