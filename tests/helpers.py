@@ -112,6 +112,7 @@ def make_run_setup(root, n_records: int = 96, vocab_size: int = 384, hidden_size
     from ftcore.tokenizer import Tokenizer
     from ftcore.weights import save_pretrained
 
+    root.mkdir(parents=True, exist_ok=True)
     records = generate_reviews(n_records, 0)
     (root / "reviews.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     tok = Tokenizer.train_bpe(pretraining_texts(records), vocab_size)
