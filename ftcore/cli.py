@@ -52,7 +52,7 @@ def cmd_generate(args) -> int:
     from ftcore.config import ConfigError
     from ftcore.generate import TextStream, generate
     from ftcore.model import Transformer
-    from ftcore.tokenizer import Tokenizer
+    from ftcore.source import load_tokenizer
 
     if not (pathlib.Path(args.model) / "config.json").is_file():
         raise ConfigError(f"--model {args.model}: no config.json there (an HF model directory is needed)")
@@ -66,7 +66,7 @@ def cmd_generate(args) -> int:
         raise ConfigError(f"--device {args.device!r}: use auto, cpu or cuda (cuda needs a CUDA device)")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    tok = Tokenizer.from_dir(args.model)
+    tok = load_tokenizer(args.model)
     model = Transformer.from_pretrained(args.model, dtype=dtype, device=device).eval()
     prompt = tok.encode(args.prompt, add_bos=True)
     limit = model.config.max_position_embeddings

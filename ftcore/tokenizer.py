@@ -92,6 +92,8 @@ class Tokenizer:
     def from_dir(cls, path: str | os.PathLike) -> "Tokenizer":
         """From an HF model directory (ftcore.source.load_tokenizer also reads a GGUF file's)."""
         path = Path(path)
+        if path.suffix.lower() == ".gguf":  # reading it is ftcore.gguf's job, which depends on this module
+            raise TokenizerError(f"{path}: a GGUF file, not a directory (ftcore.source.load_tokenizer reads either)")
         tj = path / "tokenizer.json"
         if not tj.is_file():
             raise TokenizerError(f"{tj}: not found (ftcore needs a fast tokenizer's tokenizer.json)")

@@ -16,6 +16,7 @@ import torch
 from ftcore import cli
 from ftcore.export import export
 from ftcore.model import ModelConfig, Transformer
+from ftcore.source import load_tokenizer
 from ftcore.tokenizer import Tokenizer
 from helpers import make_run_setup, needs_transformers, randomize_, rel_err, run_cli, run_overrides
 
@@ -204,7 +205,7 @@ def test_every_write_type_loads_in_transformers_and_ftcore(tok, tmp_path, gguf_t
 def test_the_tokenizer_round_trips_exactly(tok, tmp_path):
     transformers = needs_transformers()
     path = export(str(_hf_dir(_model(tok), tok, tmp_path / "hf")), str(tmp_path / "m.gguf"), progress=False)
-    back = Tokenizer.from_dir(path)
+    back = load_tokenizer(path)
     assert back.tok.get_vocab(with_added_tokens=True) == tok.tok.get_vocab(with_added_tokens=True)
     assert json.loads(back.tok.to_str())["model"]["merges"] == json.loads(tok.tok.to_str())["model"]["merges"]
     assert (back.bos_id, back.eos_ids, back.pad_id, back.add_bos) == (tok.bos_id, tok.eos_ids, tok.pad_id, tok.add_bos)
@@ -379,7 +380,7 @@ def test_the_real_smollm2_file_reads_as_transformers_reads_it():
     path = Path(SMOLLM2)
     ours = Transformer.from_pretrained(path, dtype=torch.float32).eval()
     assert ours.config.num_params() == 134_515_008
-    tok = Tokenizer.from_dir(path)
+    tok = load_tokenizer(path)
     theirs = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     texts = [r["text"] for r in generate_reviews(300, 0)] + [TEXT, "Price: $12.99 for 2 x 500g.\n\n10/10"]
     ids = torch.tensor([tok.encode(" ".join(texts[:4]))[:160]])

@@ -97,7 +97,7 @@ def test_balanced_training_split_only(tmp_path):
     path = write_reviews_csv(tmp_path / "Reviews.csv", n=200)
     cfg = load_config(RECIPE, [f"data.path={path}", "data.max_seq_len=128", "data.max_completion_tokens=32"])
     tok = Tokenizer.train_bpe([r["text"] for r in load_data_records(cfg.data)], 400)
-    ds = prepare_datasets(cfg, tok)
+    ds = prepare_datasets(cfg.data, tok, seed=cfg.run.seed)
     train = ds.stats["splits"]["train"]["labels"]["rating"]
     test = ds.stats["splits"]["test"]["labels"]["rating"]
     assert max(train.values()) < 2 * min(train.values())  # balanced

@@ -137,6 +137,9 @@ def prepare_datasets(data_cfg: DataConfig, tokenizer, records: list[dict] | None
     """The splits of `seed` (a run's run.seed). Training examples: each train record with each
     template, per weights (see render_records); validation/test: each record with every selected
     template once (per-task metrics). train_cfg: the padding share of its batches is estimated."""
+    if not isinstance(data_cfg, DataConfig):  # a whole Config was accepted once: say what changed
+        raise TypeError(f"prepare_datasets takes a DataConfig (cfg.data, with seed=cfg.run.seed), "
+                        f"got {type(data_cfg).__name__}")
     source = data_source(data_cfg) if records is None else "records"
     if data_cfg.chat_format not in CHAT_FORMATS:
         raise DataError(f"data.chat_format must be one of {', '.join(CHAT_FORMATS)}, got {data_cfg.chat_format!r}")
