@@ -154,11 +154,10 @@ class RowStep:
             keep_freed_memory()
         torch.manual_seed(0)
         self.run_cfg = run_config(self.row, self.cfg, device, rows=spec.micro_batch * spec.seq_len)
-        if self.row.impl == "hf":  # torch's AdamW, fused where it can be
+        if self.row.impl == "hf":  # torch's fused AdamW, as ftcore's rows use (CPU and CUDA)
             self.model = build_hf(self.row, self.cfg, device)
             self.params = [p for p in self.model.parameters() if p.requires_grad]
-            self.opt = torch.optim.AdamW(self.params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0,
-                                         fused=device.type == "cuda")
+            self.opt = torch.optim.AdamW(self.params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
         else:  # exactly what `ftcore train` builds for these keys (ftcore's AdamW for bf16 weights)
             self.model = build_ftcore(self.row, self.cfg, device, self.run_cfg)
             self.opt, _ = build_optimizer(self.model, self.run_cfg, device)

@@ -162,7 +162,8 @@ def run_config(row: Row, cfg: ModelConfig, device, rows: int) -> Config:
     t.precision, t.activation_checkpointing, t.loss, t.compile = row.precision, row.ac, row.loss, row.compile
     t.fsdp = "on" if row.fsdp else "off"
     t.kernels = {k: row.kernels for k in ("rmsnorm", "rope", "swiglu")} if row.kernels else {}
-    t.lr, t.beta1, t.beta2, t.weight_decay, t.grad_clip = 1e-5, 0.9, 0.95, 0.0, 1.0
+    # the peers' optimizer exactly: a constant 1e-5 (a warmup would start ftcore's rows at lr / 11)
+    t.lr, t.beta1, t.beta2, t.weight_decay, t.grad_clip, t.warmup_steps = 1e-5, 0.9, 0.95, 0.0, 1.0, 0
     if row.states_bf16:
         t.optimizer_state_dtype, t.stochastic_rounding = "bfloat16", True
     t.optimizer_in_backward, t.activation_offload, t.cpu_offload = row.optimizer_in_backward, row.activation_offload, row.cpu_offload
