@@ -208,7 +208,14 @@ def record(out: Path) -> str:
         import tarfile
         tmp = Path(tempfile.mkdtemp())
         with tarfile.open(out / "work.tar.gz") as tar:
-            tar.extractall(tmp, filter="data")
+            if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4 / 3.12
+                tar.extractall(tmp, filter="data")
+            else:  # older: refuse what the "data" filter would (absolute paths, "..", links)
+                bad = [m.name for m in tar.getmembers() if m.name.startswith("/") or ".." in Path(m.name).parts
+                       or m.issym() or m.islnk()]
+                if bad:
+                    raise SystemExit(f"{out / 'work.tar.gz'}: unsafe member {bad[0]!r}")
+                tar.extractall(tmp)
         work = tmp / "work"
     parts = [line.split("\t") for line in (out / "parts.tsv").read_text().splitlines() if line.strip()] \
         if (out / "parts.tsv").is_file() else []

@@ -522,7 +522,7 @@ def test_reviews_never_leak_the_label():
 def test_review_rating_follows_the_wording():
     """The register of the sentences decides the rating: strong praise only in 5s, lukewarm remarks
     only in 3s, strong criticism only in 1s; mixed 2s and 4s exist."""
-    from ftcore import reviews
+    from ftcore.data import reviews
 
     def has(text, pool):
         def pattern(s):
