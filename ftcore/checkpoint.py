@@ -21,7 +21,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (get_state_dict,
                                                      set_state_dict)
 
-from ftcore.files import publish_dir, remove_dir, staging_dir, write_atomic
+from ftcore.files import publish_dir, remove_dir, staging_dir, staging_path, write_atomic
 from ftcore.parallel import Process, any_rank, barrier
 
 _STEP_DIR = re.compile(r"step_(\d{8})")
@@ -109,7 +109,7 @@ def latest_checkpoint(ckpt_root: Path, report=print) -> Path | None:
 
 def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, trainer_state: dict, proc: Process, keep: int) -> Path:
     final = ckpt_root / f"step_{step:08d}"
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = staging_path(final)
     if proc.is_main:
         staging_dir(final, create=True)
     barrier(proc)

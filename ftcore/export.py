@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 
 from ftcore.checkpoint import verify_checkpoint
 from ftcore.config import Config, ConfigError, load_config
-from ftcore.files import publish_dir, staging_dir
+from ftcore.files import publish_dir, staging_dir, staging_path
 from ftcore.gguf import is_gguf, write_gguf
 from ftcore.model import ModelConfig, Transformer
 from ftcore.parallel import Process, barrier
@@ -137,7 +137,7 @@ def export_hf(model, path: Path, proc: Process, tokenizer=None, max_shard_bytes:
         t = t.full_tensor() if isinstance(t, DTensor) else t  # a collective: every rank, same order
         return t if proc.is_main else None
 
-    tmp = staging_dir(path) if proc.is_main else path.with_name(path.name + ".tmp")
+    tmp = staging_dir(path) if proc.is_main else staging_path(path)
     save_pretrained(model, tmp, tokenizer=tokenizer, state_dict=state, fetch=fetch, write=proc.is_main,
                     max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
     if proc.is_main:

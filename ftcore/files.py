@@ -9,12 +9,17 @@ from pathlib import Path
 from typing import Iterator
 
 
+def staging_path(path: Path) -> Path:
+    """Where `path` is written before it is renamed into place: path.tmp beside it."""
+    path = Path(path)
+    return path.with_name(path.name + ".tmp")
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yields path.tmp to write to (by any writer: safetensors, tokenizers); renames it over
     `path` (atomic on POSIX) once the block ends without an error."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = staging_path(path)
     yield tmp
     os.replace(tmp, path)
 
@@ -30,8 +35,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 def staging_dir(path: Path, create: bool = False) -> Path:
     """path.tmp, emptied of whatever a killed run left there (and made, with create)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = staging_path(path)
     if tmp.exists():
         shutil.rmtree(tmp)
     if create:

@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from ftcore.files import write_atomic
+from ftcore.files import staging_path, write_atomic
 from ftcore.gguf import is_gguf
 from ftcore.hf import IGNORED_TENSORS, config_to_hf, hf_to_ours, ours_to_hf  # noqa: F401 (name mapping re-exported)
 from ftcore.source import checkpoint_dtype, read_config
@@ -226,7 +226,7 @@ class _SafetensorsWriter:
     shard twice.) Written to FILE.tmp, renamed by close()."""
 
     def __init__(self, path: Path, layout: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype):
-        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
+        self.path, self.tmp = path, staging_path(path)
         self.expected = [(name, shape) for name, shape in layout]
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for name, shape in layout:

@@ -15,6 +15,7 @@ import torch
 
 from ftcore.gguf.format import (TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED, TOKEN_USER_DEFINED, WRITE_TYPES, GGUFError,
                                 gguf_package, ours_to_gguf, permuted_heads, pre_tokenizer_name, rope_rows)
+from ftcore.files import staging_path
 from ftcore.model import ModelConfig, rope_inv_freq
 
 _FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # llama.cpp's LlamaFileType
@@ -124,7 +125,7 @@ def write_gguf(out, cfg: ModelConfig, tokenizer, shapes: dict[str, tuple[int, ..
         plan.append((n, ours_to_gguf(n), tuple(shapes[n]), _tensor_type(gguf, n, tuple(shapes[n]), gguf_type)))
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = staging_path(out)
     writer = gguf.GGUFWriter(str(tmp), arch)
     try:
         for key, value in meta.items():
