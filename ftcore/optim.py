@@ -98,9 +98,14 @@ def _adamw(cfg: Config, groups: list[dict], fused: bool) -> torch.optim.Optimize
                  stochastic_rounding=t.stochastic_rounding)
 
 
-def check_optimizer_in_backward(cfg: Config, accum: int) -> None:
-    """train.optimizer_in_backward steps each parameter as its gradient arrives: one micro-batch per step."""
+def check_optimizer_in_backward(cfg: Config, accum: int, ddp: bool = False) -> None:
+    """train.optimizer_in_backward steps each parameter as its gradient arrives: one micro-batch per
+    step, and not under DDP, whose all-reduce of a gradient is still in flight when the gradient's
+    hook runs (FSDP's hook sees the reduced shard)."""
     t = cfg.train
+    if t.optimizer_in_backward and ddp:
+        raise ConfigError("train.optimizer_in_backward with several processes needs FSDP (train.fsdp = auto or on): "
+                          "under DDP (train.fsdp=off) a parameter would step before its gradient is all-reduced")
     if t.optimizer_in_backward and accum != 1:
         raise ConfigError(
             f"train.optimizer_in_backward needs one micro-batch per step (no gradient accumulation), but "

@@ -1,5 +1,7 @@
-"""Process group, FSDP2 sharding and activation checkpointing.
+"""Process group, FSDP2 sharding or DDP, and activation checkpointing.
 
+Several processes always train one model: FSDP2 (train.fsdp = auto / on) shards it; with
+train.fsdp = off every rank holds the whole model and DDP all-reduces the gradients in backward.
 Order matters and follows torchtitan: activation checkpointing, then torch.compile, then FSDP, all
 per transformer block, so each block is one unit of recompute, of compilation and of all-gather.
 """
@@ -65,6 +67,11 @@ def use_fsdp(cfg: Config, world_size: int) -> bool:
         world_size > 1 or cfg.train.precision == "bf16-mixed" or cfg.train.cpu_offload))
 
 
+def use_ddp(cfg: Config, world_size: int) -> bool:
+    """Several processes without FSDP: each holds the whole model, and DDP keeps them one model."""
+    return world_size > 1 and not use_fsdp(cfg, world_size)
+
+
 def barrier(proc: Process) -> None:
     if dist.is_initialized() and proc.world_size > 1:
         dist.barrier()
@@ -122,11 +129,27 @@ def apply_fsdp(model: torch.nn.Module, proc: Process, precision: str, reshard_af
     return model
 
 
-def grad_scale_for_reduction(proc: Process, fsdp: bool) -> float:
-    """FSDP averages gradients over ranks; the loss is already divided by the global token count of
-    the step, so each rank multiplies its loss by the world size to turn that average back into a
-    sum. (A divide factor of 1 would say the same, but it needs PREMUL_SUM, which gloo lacks.)"""
-    return float(proc.world_size) if fsdp else 1.0
+def grad_scale_for_reduction(proc: Process) -> float:
+    """FSDP and DDP both average gradients over ranks; the loss is already divided by the global
+    token count of the step, so each rank multiplies its loss by the world size to turn that average
+    back into a sum. (A divide factor of 1 would say the same, but it needs PREMUL_SUM, which gloo
+    lacks.) One process: nothing is reduced, the factor is 1."""
+    return float(proc.world_size)
+
+
+# ------------------------------------------------------------------------------------------------
+# DDP
+
+def apply_ddp(model: torch.nn.Module, proc: Process) -> torch.nn.Module:
+    """The module the step runs under several processes without FSDP: DDP around `model`, which
+    stays what the optimizer, checkpoints and the export see (their parameter names carry no
+    `module.` prefix). DDP broadcasts rank 0's weights once here, then all-reduces (averages) the
+    gradients bucket by bucket during backward; gradients are views into its buckets, so it adds
+    no second copy of them. ftcore.step.forward_backward skips the all-reduce on every micro-batch
+    but the last (no_sync)."""
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[proc.device.index] if proc.device.type == "cuda" else None,
+                                   gradient_as_bucket_view=True)
 
 
 # ------------------------------------------------------------------------------------------------

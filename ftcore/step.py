@@ -52,15 +52,19 @@ def forward_backward(model, batches: list[dict], num_targets: int, autocast, red
     """Forward and backward of every micro-batch of this rank: each micro-batch's loss sum scaled
     by 1 / the step's global target count (all micro-batches, all ranks), so the gradients add up
     to those of the step's mean token loss. Returns this rank's loss sum, on the device (no host
-    sync). reduce_scale undoes the averaging of gradients over ranks that FSDP does
+    sync). model: the module the step runs (DDP around the model under several processes without
+    FSDP). reduce_scale undoes the averaging of gradients over ranks that FSDP and DDP do
     (parallel.grad_scale_for_reduction); around_forward is entered around each forward (the
     activation offloading hooks of ftcore.offload; a benchmark's timer)."""
     scale = reduce_scale / max(num_targets, 1)  # a step with no completion token: zero loss, zero grad
     loss_sum = None
-    for batch in batches:
-        with autocast, around_forward:
-            micro_loss_sum, _ = model(**batch)
-        (micro_loss_sum * scale).backward()
+    for i, batch in enumerate(batches):
+        # under DDP the gradients are all-reduced once a step, in the last micro-batch's backward
+        accumulating = model.no_sync() if i < len(batches) - 1 and hasattr(model, "no_sync") else contextlib.nullcontext()
+        with accumulating:
+            with autocast, around_forward:
+                micro_loss_sum, _ = model(**batch)
+            (micro_loss_sum * scale).backward()
         loss_sum = micro_loss_sum.detach() if loss_sum is None else loss_sum + micro_loss_sum.detach()
     return loss_sum
 

@@ -28,8 +28,8 @@ from ftcore.memory import AllocationTrace, PeakRSSGrowth, peak_mem_bytes
 from ftcore.model import IGNORE_INDEX, Transformer
 from ftcore.offload import ActivationOffload, check_offload
 from ftcore.optim import build_optimizer, check_optimizer_in_backward
-from ftcore.parallel import (Process, all_reduce_sum, use_fsdp, broadcast_from_main, apply_activation_checkpointing, apply_compile, apply_fsdp,
-                             barrier, grad_scale_for_reduction, init_distributed)
+from ftcore.parallel import (Process, all_reduce_sum, use_ddp, use_fsdp, broadcast_from_main, apply_activation_checkpointing,
+                             apply_compile, apply_ddp, apply_fsdp, barrier, grad_scale_for_reduction, init_distributed)
 from ftcore.rundir import MetricsLog, RunLock, check_fresh_start, check_resume_config
 from ftcore.tokenizer import Tokenizer
 
@@ -135,7 +135,7 @@ def train(cfg: Config) -> dict:
     if proc.device.type == "cpu" and (said := keep_freed_memory()) and proc.is_main:
         print(said, flush=True)
     check_offload(cfg.train, proc.device)  # before anything is written
-    check_optimizer_in_backward(cfg, accumulation_steps(cfg, proc.world_size))
+    check_optimizer_in_backward(cfg, accumulation_steps(cfg, proc.world_size), ddp=use_ddp(cfg, proc.world_size))
     lock = RunLock(Path(cfg.run.dir)) if proc.is_main else None
     try:
         run = set_up(cfg, proc)
@@ -236,7 +236,9 @@ def fine_tune(cfg: Config, proc: Process, run: Run):
     Returns the trained model."""
     t_phase = time.perf_counter()
     model = build_model(cfg, run.base_dir, proc)
-    reduce_scale = grad_scale_for_reduction(proc, use_fsdp(cfg, proc.world_size))
+    # what the step runs: the model, or DDP around it (the rest of the loop sees the model itself)
+    step_model = apply_ddp(model, proc) if use_ddp(cfg, proc.world_size) else model
+    reduce_scale = grad_scale_for_reduction(proc)
     optimizer, scheduler = build_optimizer(model, cfg, proc.device)
     autocast = autocast_context(cfg, proc.device)
     offload = ActivationOffload(proc.device) if cfg.train.activation_offload else contextlib.nullcontext()
@@ -268,7 +270,7 @@ def fine_tune(cfg: Config, proc: Process, run: Run):
         batches = micro_batches([train_set[i] for i in indices], cfg.train.micro_batch_size, accum_steps=accum,
                                 rank=proc.rank, world_size=proc.world_size, mode=cfg.data.batching, pad_id=pad_id,
                                 max_seq_len=cfg.data.max_seq_len)
-        loss_sum = forward_backward(model, [to_device(b, proc.device) for b in batches], num_targets, autocast,
+        loss_sum = forward_backward(step_model, [to_device(b, proc.device) for b in batches], num_targets, autocast,
                                     reduce_scale, offload)
         lr = scheduler.get_last_lr()[0]
         loss, gnorm = optimizer_step(model, optimizer, loss_sum, num_targets, cfg.train.grad_clip, skipped, step)

@@ -133,8 +133,13 @@ def test_precision_modes(tiny_setup, tmp_path, precision):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tiny_setup, tmp_path):
-    args = _overrides(tiny_setup, tmp_path / "one", train=dict(max_steps=10, fsdp="on"), eval=dict(every=5, final="true", max_examples=4, max_new_tokens=4))
+@pytest.mark.parametrize("fsdp", ["on", "off"])  # FSDP2 shards; off: every rank the whole model, DDP
+def test_two_processes_match_one(tiny_setup, tmp_path, fsdp):
+    """Every parallel mode ftcore accepts trains one model: the 2-process run's losses (two
+    micro-batches per rank and step, so accumulation is in play) and its exported weights are the
+    1-process run's (fp32, 1e-5 relative)."""
+    args = _overrides(tiny_setup, tmp_path / "one", train=dict(max_steps=10, fsdp=fsdp),
+                      eval=dict(every=5, final="true", max_examples=4, max_new_tokens=4))
     r1 = _run_cli(["train", "configs/tiny_cpu.toml", *args])
     assert r1.returncode == 0, r1.stderr[-3000:]
     args2 = [a.replace(str(tmp_path / "one"), str(tmp_path / "two")) for a in args]
@@ -145,6 +150,11 @@ def test_two_processes_match_one(tiny_setup, tmp_path):
     for a, b in zip(l1, l2):
         assert abs(a - b) / abs(a) <= 1e-5, (l1, l2)
     assert (tmp_path / "two" / "eval.json").is_file()
+    from safetensors.torch import load_file
+    w1, w2 = (load_file(tmp_path / d / "final" / "model.safetensors") for d in ("one", "two"))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        assert (w2[k] - w1[k]).norm() <= 1e-5 * w1[k].norm(), k
 
 
 @pytest.mark.slow
@@ -326,3 +336,15 @@ def test_fused_loss_under_fsdp_matches_torch_loss(tiny_setup, tmp_path):
     assert r2.returncode == 0, r2.stderr[-3000:]
     for a, b in zip(_losses(tmp_path / "torch"), _losses(tmp_path / "triton")):
         assert abs(a - b) / a <= 1e-5
+
+
+def test_optimizer_in_backward_is_refused_under_ddp():
+    """DDP all-reduces a gradient after its hook has run: stepping there would use this rank's own
+    gradient. Refused before any work; FSDP (whose hook sees the reduced shard) stays allowed."""
+    from ftcore.config import Config, ConfigError
+    from ftcore.optim import check_optimizer_in_backward
+    cfg = Config()
+    cfg.train.optimizer_in_backward, cfg.train.grad_clip = True, 0.0
+    with pytest.raises(ConfigError, match="needs FSDP"):
+        check_optimizer_in_backward(cfg, 1, ddp=True)
+    check_optimizer_in_backward(cfg, 1, ddp=False)
