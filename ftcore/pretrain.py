@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from ftcore.config import Config
-from ftcore.files import publish_dir, staging_dir
+from ftcore.files import publish_dir, staging_dir, write_atomic
 from ftcore.hardware import MatmulShape, resolve_auto
 from ftcore.model import Transformer
 from ftcore.source import pretrain_model_config
 from ftcore.optim import fused_adamw, pretrain_lr_lambda
+from ftcore.rundir import INPUTS_FILE
 from ftcore.tokenizer import Tokenizer
 from ftcore.weights import save_pretrained
 
@@ -35,7 +37,9 @@ def token_stream(texts: list[str], tok: Tokenizer) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
-def pretrain_base(cfg: Config, out_dir: Path, device: torch.device) -> Path:
+def pretrain_base(cfg: Config, out_dir: Path, device: torch.device, inputs: dict) -> Path:
+    """Pretrains into out_dir (published whole), with `inputs` (what it is made from: rundir.inputs_record)
+    recorded in it."""
     from ftcore.data import load_data_records, split_records
     from ftcore.data.reviews import pretraining_texts
 
@@ -78,5 +82,8 @@ def pretrain_base(cfg: Config, out_dir: Path, device: torch.device) -> Path:
 
     tmp = staging_dir(out_dir)
     save_pretrained(model, tmp, tokenizer=tok)
+    # what it was made from, inside the directory before it is published: a later run in this run
+    # directory reuses it only if its inputs match (ftcore.rundir.check_cached_base)
+    write_atomic(tmp / INPUTS_FILE, json.dumps(inputs, indent=2) + "\n")
     publish_dir(tmp, out_dir)
     return out_dir

@@ -13,12 +13,17 @@ config.toml says what ran.
   any other difference from the recorded config.toml is refused, naming the keys. Accepted
   changes are printed, and config.toml is rewritten with them once the run is under way. A
   train.loss or train.precision of "auto" takes the value the run recorded when it began.
+- `inputs_record` / `changed_input`: what a cached artefact of the run (the pretrained base/ with
+  its tokenizer, the base model's evaluation eval_base.json) was made from: the config keys it
+  depends on and the data file's SHA-256. It is reused only when they match; base/ that does not
+  is refused with the key that differs (`check_cached_base`), the base evaluation is run again.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime
 import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -85,6 +90,11 @@ def _flat(obj, prefix: str = "") -> dict:
     return out
 
 
+def _matches(key: str, patterns) -> bool:
+    """key is one of patterns, or lies in a section named by a pattern ending in '.'."""
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
+
+
 def config_changes(old: Config, new: Config) -> dict[str, tuple]:
     """{key: (old value, new value)} of every key that differs."""
     a, b = _flat(old), _flat(new)
@@ -106,7 +116,7 @@ def check_resume_config(run_dir: Path, cfg: Config, report=print) -> None:
         if getattr(cfg.train, key) == "auto":
             setattr(cfg.train, key, getattr(recorded.train, key))
     changes = config_changes(recorded, cfg)
-    refused = [k for k in changes if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_CHANGES)]
+    refused = [k for k in changes if not _matches(k, RESUMABLE_CHANGES)]
     if refused:
         what = ", ".join(f"{k} {changes[k][0]!r} -> {changes[k][1]!r}" for k in refused)
         raise ConfigError(f"cannot resume the run in {run_dir} with a changed {what}: the steps already taken "
@@ -114,6 +124,64 @@ def check_resume_config(run_dir: Path, cfg: Config, report=print) -> None:
     for k, (a, b) in changes.items():
         if k not in ("run.dir", "train.resume"):
             report(f"resuming with {k} changed: {a!r} -> {b!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# cached artefacts: reused only when made from the same inputs
+
+# what the pretrained base (and its tokenizer) depends on: the training split's raw text, the
+# model's shape and its pretraining (train.precision: pretraining computes in it; train.loss is left
+# out, as on resume: another loss implementation computes the same maths)
+BASE_INPUTS = ("run.seed", "pretrain.", "data.path", "data.format", "data.max_records", "data.rename", "data.clean",
+               "data.dedupe", "data.split", "data.synthetic.", "data.max_seq_len", "train.precision")
+# what the base model's evaluation depends on, beside the base itself: the test examples (every
+# data key renders or selects them), how they are scored, and the dtype the base is loaded in
+BASE_EVAL_INPUTS = ("run.seed", "model.", "data.", "eval.base", "eval.max_examples", "eval.max_heldout_examples",
+                    "eval.shots", "eval.heldout", "eval.max_new_tokens", "eval.batch_size")
+INPUTS_FILE = "ftcore_inputs.json"  # in base/
+
+
+def file_sha256(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def inputs_record(cfg: Config, keys: tuple[str, ...]) -> dict:
+    """{key: value} of the config keys matching `keys`, plus data.path's SHA-256 when data.path is
+    one of them (the same path may hold other data next time); JSON values, sorted by key."""
+    rec = {k: v for k, v in _flat(cfg).items() if _matches(k, keys)}
+    if rec.get("data.path"):
+        rec["data.path sha256"] = file_sha256(rec["data.path"])
+    return json.loads(json.dumps(dict(sorted(rec.items()))))
+
+
+def changed_input(recorded: dict, wanted: dict) -> str | None:
+    """'key recorded -> wanted' of the first input that differs, or None when they match."""
+    for k in sorted(set(recorded) | set(wanted)):
+        if recorded.get(k) != wanted.get(k):
+            return f"{k} {recorded.get(k, '(not recorded)')!r} -> {wanted.get(k, '(not recorded)')!r}"
+    return None
+
+
+def check_cached_base(run_dir: Path, inputs: dict) -> bool:
+    """Whether RUN_DIR/base/ (the pretrained base model and tokenizer) can be reused: True when it
+    was made from `inputs` (this run's inputs_record of BASE_INPUTS), False when there is none; a base made from other
+    inputs (another run.seed, other data or pretraining) is refused with the key that differs, so
+    that one run directory never evaluates or fine-tunes another run's base."""
+    base = run_dir / "base"
+    if not (base / "config.json").is_file():
+        return False
+    path = base / INPUTS_FILE
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise ConfigError(f"{base} holds a base model with no readable record of what it was pretrained from "
+                          f"({path.name}): move it aside (ftcore pretrains a new one) or choose another run.dir") from None
+    if (changed := changed_input(recorded, inputs)) is not None:
+        raise ConfigError(f"{base} was pretrained by a run with other inputs ({changed}); reusing it would "
+                          f"evaluate and fine-tune that run's base: choose another run.dir, or move {base} aside "
+                          "to pretrain a new one")
+    return True
 
 
 # ------------------------------------------------------------------------------------------------

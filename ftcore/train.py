@@ -30,7 +30,8 @@ from ftcore.offload import ActivationOffload, check_offload
 from ftcore.optim import build_optimizer, check_optimizer_in_backward
 from ftcore.parallel import (Process, all_reduce_sum, use_ddp, use_fsdp, broadcast_from_main, apply_activation_checkpointing,
                              apply_compile, apply_ddp, apply_fsdp, barrier, grad_scale_for_reduction, init_distributed)
-from ftcore.rundir import MetricsLog, RunLock, check_fresh_start, check_resume_config
+from ftcore.rundir import (BASE_EVAL_INPUTS, BASE_INPUTS, INPUTS_FILE, MetricsLog, RunLock, changed_input, check_cached_base,
+                           check_fresh_start, check_resume_config, inputs_record)
 from ftcore.tokenizer import Tokenizer
 
 
@@ -115,17 +116,34 @@ def validation_loss(model, examples: list[Example], cfg: Config, proc: Process, 
 # ------------------------------------------------------------------------------------------------
 # the run
 
-def prepare_base(cfg: Config, run_dir: Path, proc: Process) -> Path:
+def prepare_base(cfg: Config, run_dir: Path, proc: Process, inputs: dict, cached: bool) -> Path:
     """The base model: model.path (an HF directory or a GGUF file), or a tiny model pretrained here
-    from scratch."""
+    from scratch into RUN_DIR/base/ with `inputs` (what it is made from) recorded beside it; reused
+    when `cached` (made from the same inputs: rundir.check_cached_base)."""
     if cfg.model.path:
         return check_source(cfg.model.path, "model.path")
     from ftcore.pretrain import pretrain_base
     base = run_dir / "base"
-    if proc.is_main and not (base / "config.json").is_file():
-        pretrain_base(cfg, base, proc.device)
+    if proc.is_main and cached:
+        print(f"{base}: pretrained earlier from the same inputs ({INPUTS_FILE}), reused", flush=True)
+    elif proc.is_main:
+        pretrain_base(cfg, base, proc.device, inputs)
     barrier(proc)  # the other ranks wait for rank 0's tokenizer and base model
     return base
+
+
+def base_eval_inputs(cfg: Config, base_dir: Path, device) -> dict:
+    """What the base model's evaluation (eval_base.json) depends on: its config keys, the base
+    itself (what it was pretrained from, or model.path's files) and the dtype it is evaluated in."""
+    from ftcore.evaluate import eval_dtype
+    inputs = inputs_record(cfg, BASE_EVAL_INPUTS)
+    if cfg.model.path:
+        files = [base_dir] if base_dir.is_file() else sorted(p for p in base_dir.iterdir() if p.is_file())
+        inputs["base files"] = {p.name: p.stat().st_size for p in files}
+    else:
+        inputs["base"] = json.loads((base_dir / INPUTS_FILE).read_text())
+    inputs["eval dtype"] = str(eval_dtype(cfg, base_dir, device))
+    return inputs
 
 
 def train(cfg: Config) -> dict:
@@ -185,12 +203,16 @@ def set_up(cfg: Config, proc: Process) -> Run:
     barrier(proc)
     if cfg.train.resume == "never":
         check_fresh_start(run_dir, ckpt.checkpoints(ckpt_root))
+    # a base pretrained in this directory is this run's only if made from its inputs (taken before a
+    # resume sets "auto" keys to their recorded choices: the record holds the keys as configured)
+    base_inputs = {} if cfg.model.path else inputs_record(cfg, BASE_INPUTS)
+    base_cached = bool(base_inputs) and check_cached_base(run_dir, base_inputs)
     resume_from = ckpt.latest_checkpoint(ckpt_root, say) if cfg.train.resume == "auto" else None
     if resume_from is not None:
         check_resume_config(run_dir, cfg, say)
 
     t_start = time.perf_counter()
-    base_dir = prepare_base(cfg, run_dir, proc)
+    base_dir = prepare_base(cfg, run_dir, proc, base_inputs, base_cached)
     pretrain_s = time.perf_counter() - t_start
     tokenizer = load_tokenizer(base_dir)
     datasets = prepare_datasets(cfg.data, tokenizer, seed=cfg.run.seed, train_cfg=cfg.train)
@@ -221,11 +243,17 @@ def set_up(cfg: Config, proc: Process) -> Run:
     base_results_path = run_dir / "eval_base.json"
     if cfg.eval.base:
         if proc.is_main:
-            if resume_from is not None and base_results_path.is_file():  # a resumed run does not evaluate the base twice
-                run.results.update(json.loads(base_results_path.read_text()))
+            # a resumed run does not evaluate the base twice, unless what that evaluation covered changed
+            inputs = base_eval_inputs(cfg, base_dir, proc.device)
+            cached = _read_json(base_results_path) if resume_from is not None else {}
+            if cached.get("inputs") == inputs:
+                run.results.update(cached["results"])
             else:
+                if cached:
+                    say(f"evaluating the base model again: {base_results_path.name} covered other inputs "
+                        f"({changed_input(cached.get('inputs') or {}, inputs)})")
                 run.results.update(evaluate_for_run(cfg, base_dir, tokenizer, datasets, proc.device, base=True))
-                _write_json(base_results_path, run.results)
+                _write_json(base_results_path, {"inputs": inputs, "results": run.results})
         barrier(proc)
     run.phase_done("base eval", t_phase)
     return run
@@ -345,3 +373,12 @@ def draw_curves(run_dir: Path) -> None:
 
 def _write_json(path: Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2))
+
+
+def _read_json(path: Path) -> dict:
+    """The JSON object in `path`, or {} when there is none (or a torn or foreign one)."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return obj if isinstance(obj, dict) else {}

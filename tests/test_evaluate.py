@@ -481,3 +481,27 @@ def test_the_report_calls_a_difference_inside_its_interval_a_tie(tmp_path):
     lo, hi = win["baseline"]["sentiment"]["macro_f1_ci"]
     assert lo <= win["baseline"]["sentiment"]["macro_f1"] <= hi < 0.35  # always "positive"
     assert "**better than the baseline**" in md and "[lo, hi]" in md
+
+
+def test_a_report_without_paired_intervals_says_why(tmp_path):
+    """Sections scored on other examples (a base evaluated before eval.* changed) or without their
+    per-example answers cannot be paired: the report says so, per task, instead of dropping the
+    intervals and comparing point estimates without a word."""
+    from ftcore.evaluation.metrics import rouge
+    from ftcore.evaluation.report import write_generations, write_report
+    refs = ["good dog food", "tasty coffee", "bad tea"] * 10
+    outs = ["good food", "coffee", "tea"] * 10
+    run = tmp_path / "run"
+    write_generations(run, "base", {"summary": _rows(refs[:20], outs[:20])})  # fewer examples than the fine-tuned
+    write_generations(run, "finetuned", {"summary": _rows(refs, outs)})
+    results = {s: {"summary": {**rouge(o, r), "examples": len(r)}} for s, r, o in
+               (("base", refs[:20], outs[:20]), ("finetuned", refs, outs))}
+    md = write_report(run, results)
+    assert "vs" not in results["finetuned"]["summary"]
+    assert results["finetuned"]["summary"]["no_intervals"] == "finetuned scored other examples than base"
+    assert "no paired intervals (finetuned scored other examples than base): point estimates only" in md
+    assert "No 95 % intervals for summary: finetuned scored other examples than base." in md
+
+    results = {s: {"summary": {**rouge(outs, refs), "examples": 30}} for s in ("base_kshot", "finetuned")}
+    md = write_report(run, results)  # generations/base_kshot.jsonl was never written
+    assert "no per-example answers of base_kshot in generations/" in md

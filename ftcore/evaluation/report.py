@@ -80,7 +80,9 @@ def _verdict(task: str, results: dict, metric: str) -> str:
             text = {"better": f"**better than {names[other]}{how}**", "worse": f"worse than {names[other]}{how}",
                     "tie": f"a tie with {names[other]}{how}"}[c["verdict"]]
             notes.append(f"{text}: {c['diff']:+.3g} {_ci(c['ci'])}")
-    else:  # no per-example answers to pair: the point estimates only
+    else:  # no per-example answers to pair: the point estimates only, and why
+        if ft.get("no_intervals"):
+            notes.append(f"no paired intervals ({ft['no_intervals']}): point estimates only")
         baseline = results.get("baseline", {}).get(task, {})
         if metric in baseline:
             gain = ft[metric] - baseline[metric]
@@ -167,7 +169,7 @@ def format_report(results: dict, samples=(), shots: int | None = None, curves: s
     tasks = list(dict.fromkeys(t for s in sections for t in results[s]))
     lines += _summary(results, tasks, titles, sections)
     for task in tasks:
-        present = {m for s in sections for m, v in results[s].get(task, {}).items() if _scalar(v)}
+        present = {m for s in sections for m, v in results[s].get(task, {}).items() if _scalar(v) and m != "no_intervals"}
         metrics = [m for m in _ORDER if m in present] + sorted(present - set(_ORDER))
         head = ["metric"] + [titles[s] for s in sections] + [name for _, name in deltas]
         lines += [f"## {task}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -178,6 +180,9 @@ def format_report(results: dict, samples=(), shots: int | None = None, curves: s
             row += [_delta(m, f, results[s].get(task, {}).get(m)) for s, _ in deltas]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
+        why = next((results[s][task]["no_intervals"] for s in sections if "no_intervals" in results[s].get(task, {})), None)
+        if why:
+            lines += [f"No 95 % intervals for {task}: {why}.", ""]
         shown = "finetuned" if ft else next((s for s in reversed(sections) if s != "baseline"), None)
         if shown is not None:
             lines += _confusion(task, shown, titles[shown], results[shown].get(task, {}))
@@ -248,11 +253,19 @@ def add_intervals(results: dict, generations: dict[str, dict[str, list[dict]]], 
     for task in dict.fromkeys(t for sec in results.values() for t in sec):
         some = next(results[s][task] for s in results if task in results[s])
         metric = HEADLINE.get(_kind(some))
-        rows = {s: generations[s][task] for s in results if task in generations.get(s, {}) and task in results[s]}
-        if metric is None or not rows:
+        if metric is None:
             continue
-        refs = next(iter(rows.values()))
-        if any([r["reference"] for r in v] != [r["reference"] for r in refs] for v in rows.values()):
+        rows = {s: generations[s][task] for s in results if task in generations.get(s, {}) and task in results[s]}
+        missing = [s for s in results if task in results[s] and s not in rows]
+        refs = next(iter(rows.values()), [])
+        other = [s for s, v in rows.items() if [r["reference"] for r in v] != [r["reference"] for r in refs]]
+        why = (f"no per-example answers of {', '.join(missing)} in generations/" if missing else
+               f"{', '.join(other)} scored other examples than {next(iter(rows))}" if other else None)
+        if why is not None:  # said in the report, never dropped silently
+            for s in results:
+                if task in results[s]:
+                    results[s][task]["no_intervals"] = why
+        if not rows or other:
             continue  # not the same examples in the same order: nothing to pair
         labels = some.get("label_set")
         sampler = Resampler(KIND_OF[metric] if metric != "bleu" else "generation", [r["reference"] for r in refs],
