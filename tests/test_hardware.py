@@ -220,11 +220,19 @@ def test_a_run_prints_and_records_the_choice_and_keeps_it_on_resume(tiny_setup, 
     assert _recorded(run) == ("chunked", "fp32")
 
 
+# bf16's unit roundoff: 8 significant bits, so one rounding moves a value by at most 2^-8 relative
+BF16_U = 2.0 ** -8
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
 def test_the_cpu_default_path_matches_the_reference_loss(precision):
-    """The whole model with the auto-chosen CPU loss (labelled rows only) against the full-logits
-    torch loss: loss and every gradient, fp32 <= 1e-5, bf16 autocast <= 1e-2 (norm-relative, the
-    kernels' tolerances)."""
+    """The whole model with the auto-chosen CPU loss (labelled rows only), loss and every gradient,
+    against the model in float64 (norm-relative errors). fp32: within the kernels' fp32 tolerance,
+    1e-5 (fp32 is IEEE on every CPU; only the order of sums differs). bf16 autocast: how a CPU does
+    bf16 (AMX, AVX512-BF16, emulated on AVX2 only) decides how each product is rounded, so no
+    constant holds; what holds everywhere is that ours adds no more error than plain torch's own
+    under the same autocast on the same CPU, plus two roundings (2u, u = 2^-8): the chunked loss
+    rounds the labelled rows' logits and their gradient once each where torch rounds the full ones."""
     import contextlib
 
     from helpers import randomize_, rel_err, tiny_config
@@ -233,18 +241,24 @@ def test_the_cpu_default_path_matches_the_reference_loss(precision):
     ids = torch.randint(0, 131, (3, 40), generator=g)
     labels = ids.roll(-1, 1)
     labels[:, :30] = IGNORE_INDEX  # a prompt, then the completion
-    results = {}
-    for loss in ("torch", hardware.auto_loss(CPU)[0]):
+
+    def loss_and_grads(loss: str, dtype: torch.dtype, autocast) -> dict[str, torch.Tensor]:
         model = Transformer(tiny_config(), loss=loss)
         model.reset_buffers()
-        randomize_(model, seed=0)
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision != "fp32" else contextlib.nullcontext()
+        randomize_(model, seed=0).to(dtype)
         with autocast:
             loss_sum, n = model(ids, labels=labels)
         (loss_sum / n).backward()
-        results[loss] = loss_sum.detach(), {k: p.grad for k, p in model.named_parameters()}
-    (ref_loss, ref_grads), (loss, grads) = results["torch"], results["chunked"]
-    tol = 1e-5 if precision == "fp32" else 1e-2
-    assert rel_err(loss, ref_loss) <= tol
-    for k in ref_grads:
-        assert rel_err(grads[k], ref_grads[k]) <= tol, k
+        return {"loss": loss_sum.detach(), **{k: p.grad for k, p in model.named_parameters()}}
+
+    reference = loss_and_grads("torch", torch.float64, contextlib.nullcontext())
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision != "fp32" else contextlib.nullcontext
+    ours = loss_and_grads(hardware.auto_loss(CPU)[0], torch.float32, autocast())
+    assert hardware.auto_loss(CPU)[0] == "chunked"
+    if precision == "fp32":
+        limits = {k: 1e-5 for k in reference}
+    else:
+        plain = loss_and_grads("torch", torch.float32, autocast())
+        limits = {k: rel_err(plain[k], reference[k]) + 2 * BF16_U for k in reference}
+    for k in reference:
+        assert rel_err(ours[k], reference[k]) <= limits[k], (k, rel_err(ours[k], reference[k]), limits[k])
