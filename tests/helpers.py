@@ -45,6 +45,18 @@ def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torc
     return module
 
 
+BF16_U = 2.0 ** -8  # bf16's unit roundoff: 8 significant bits, one rounding moves a value <= 2^-8 relative
+
+
+def bf16_loss_bound(num_layers: int) -> float:
+    """How far (relative) a bf16 run's loss may sit from the fp32 run's: each bf16 rounding on the
+    way from the tokens to the loss adds at most u = 2^-8 (to first order the relative errors add),
+    and the way holds the embedding, six matmul outputs per block (q/k/v, the attention scores and
+    their product with V, the output projection, gate/up, down) and the logits: (6 L + 2) u. This
+    holds however a CPU or GPU rounds its products (AMX, AVX512-BF16, emulated on AVX2 only)."""
+    return (6 * num_layers + 2) * BF16_U
+
+
 def tiny_config(**kw) -> ModelConfig:
     """A tiny ftcore config (hidden 64, 2 layers, GQA 4/2 heads); keywords override."""
     base = dict(model_type="llama", vocab_size=131, hidden_size=64, intermediate_size=128, num_layers=2,

@@ -17,7 +17,7 @@ import torch
 from ftcore.config import load_config
 from ftcore.model import ModelConfig, Transformer
 from ftcore.tokenizer import Tokenizer
-from helpers import FAULTY_CLI, make_run_setup, run_cli, run_overrides, run_ranks
+from helpers import FAULTY_CLI, bf16_loss_bound, make_run_setup, run_cli, run_overrides, run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,8 +128,9 @@ def test_precision_modes(tiny_setup, tmp_path, precision):
     _train_inproc(_overrides(tiny_setup, tmp_path / precision, train=dict(precision=precision)))
     ref, got = _losses(tmp_path / "fp32"), _losses(tmp_path / precision)
     assert all(torch.isfinite(torch.tensor(got)))
-    # the tiny model in bf16 drifts from fp32 a little; a broken mode (wrong scaling, NaN) does not stay this close
-    assert max(abs(a - b) / a for a, b in zip(ref, got)) < 0.05, (ref, got)
+    # every step's loss within what bf16's rounding on the way to the loss allows (the 2-layer base);
+    # a broken mode (wrong scaling, NaN) does not stay this close
+    assert max(abs(a - b) / a for a, b in zip(ref, got)) < bf16_loss_bound(num_layers=2), (ref, got)
 
 
 @pytest.mark.slow
