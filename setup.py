@@ -17,9 +17,11 @@ setup(
         "triton": ["triton"],
         "gguf": ["gguf"],  # GGUF files (llama.cpp) in and out: the format's own library
         # transformers reads GGUF with gguf and accelerate: the reference the GGUF tests check against
-        "test": ["pytest", "transformers", "rouge-score", "sacrebleu", "triton", "matplotlib", "gguf", "accelerate"],
+        "test": ["pytest", "transformers", "rouge-score", "sacrebleu", "triton", "matplotlib", "gguf", "accelerate",
+                 "tensorboard"],
         "bench": ["matplotlib"],
         "plot": ["matplotlib"],
+        "tensorboard": ["tensorboard"],  # log.tensorboard = true: event files under RUN_DIR/tensorboard/
     },
     entry_points={"console_scripts": ["ftcore=ftcore.cli:main"]},
 )

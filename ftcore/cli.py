@@ -118,8 +118,8 @@ def cmd_bench(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from ftcore.evaluation.plot import plot_run
-    print(plot_run(args.run_dir, args.out))
+    from ftcore.evaluation.plot import plot_runs
+    print(plot_runs(args.run_dirs, args.out))
     return 0
 
 
@@ -171,9 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--world-size", type=int, default=1)
     b.set_defaults(fn=cmd_bench)
 
-    pl = sub.add_parser("plot", help="draw a run's loss, lr, tokens/s and memory curves (needs matplotlib)")
-    pl.add_argument("run_dir")
-    pl.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/curves.png)")
+    pl = sub.add_parser("plot", help="draw runs' loss, lr, tokens/s and memory curves, overlaid (needs matplotlib)")
+    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    pl.add_argument("--out", default=None, help="image path, its suffix the format (default with one run: "
+                    "RUN_DIR/curves.png; needed with several)")
     pl.set_defaults(fn=cmd_plot)
     return p
 

@@ -136,8 +136,9 @@ class CheckpointConfig:
 
 @dataclass
 class LogConfig:
-    every: int = 1
-    progress: bool = True
+    every: int = 1                 # a record per this many steps: their mean loss, tokens/s, peak memory
+    progress: bool = True          # the tqdm line
+    tensorboard: bool = False      # RUN_DIR/tensorboard/ too (the extra: pip install -e ".[tensorboard]")
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Memory: measuring the peak of a training step.
 
-    peak_mem_bytes / reset_peak   the training device's peak (CUDA allocator; CPU: peak RSS)
+    peak_mem_bytes / reset_peak   the training device's peak since the last reset (CUDA allocator;
+                                  CPU: the process's peak resident set); the loop resets it every step
     PeakRSSGrowth                 how far the process's peak resident memory rose over a block
     AllocationTrace               bytes allocated on the CPU and their peak, from the profiler's
                                   memory events: on a CPU, what torch.cuda.max_memory_allocated
@@ -31,36 +32,48 @@ def _proc_status_bytes(field: str) -> int:
     return 0
 
 
+def _reset_peak_rss() -> bool:
+    """Linux sets the peak resident set (VmHWM) back to the current one when 5 is written to
+    /proc/self/clear_refs. False where it cannot (no /proc, not writable)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_mem_bytes(device: torch.device) -> int:
-    """CUDA: peak allocated by the caching allocator. CPU: the process's peak resident set (VmHWM),
-    the closest thing the OS keeps."""
+    """The device's peak since the last reset_peak (since the process began, without one). CUDA:
+    bytes allocated by the caching allocator at the peak. CPU: the process's peak resident set
+    (VmHWM), the closest thing the OS keeps: it also counts memory that malloc keeps from earlier
+    work for reuse (hardware.keep_freed_memory), so it is an upper bound of what the work needed."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return _proc_status_bytes("VmHWM")
 
 
+def reset_peak(device: torch.device) -> bool:
+    """Start a new peak for peak_mem_bytes at the memory in use now. False where the CPU's peak
+    cannot be reset (then peak_mem_bytes keeps the process's peak since it began)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    return _reset_peak_rss()
+
+
 class PeakRSSGrowth:
     """How far this process's peak resident set (VmHWM) rose above its resident set at entry,
-    over a block: Linux resets the peak when 5 is written to /proc/self/clear_refs. growth_bytes
-    is 0 where /proc is missing."""
+    over a block. growth_bytes is 0 where /proc is missing."""
 
     def __enter__(self):
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            pass
+        _reset_peak_rss()
         self.start = _proc_status_bytes("VmRSS")
         return self
 
     def __exit__(self, *exc):
         self.growth_bytes = max(0, _proc_status_bytes("VmHWM") - self.start)
         return False
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
 
 class AllocationTrace:

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from ftcore import checkpoint as ckpt
 from ftcore.config import Config, ConfigError, accumulation_steps, check_kernels, to_toml
@@ -24,13 +23,14 @@ from ftcore.files import write_atomic
 from ftcore.hardware import MatmulShape, keep_freed_memory, resolve_auto
 from ftcore.source import check_source, load_tokenizer, read_config
 from ftcore.step import NonFiniteSkips, autocast_context, forward_backward, optimizer_step, to_device
-from ftcore.memory import AllocationTrace, PeakRSSGrowth, peak_mem_bytes
+from ftcore.logs import TrainLog, check_tensorboard, log_evaluation
+from ftcore.memory import AllocationTrace, PeakRSSGrowth
 from ftcore.model import IGNORE_INDEX, Transformer
 from ftcore.offload import ActivationOffload, check_offload
 from ftcore.optim import build_optimizer, check_optimizer_in_backward
 from ftcore.parallel import (Process, all_reduce_sum, use_ddp, use_fsdp, broadcast_from_main, apply_activation_checkpointing,
                              apply_compile, apply_ddp, apply_fsdp, barrier, grad_scale_for_reduction, init_distributed)
-from ftcore.rundir import (BASE_EVAL_INPUTS, BASE_INPUTS, INPUTS_FILE, MetricsLog, RunLock, changed_input, check_cached_base,
+from ftcore.rundir import (BASE_EVAL_INPUTS, BASE_INPUTS, INPUTS_FILE, RunLock, changed_input, check_cached_base,
                            check_fresh_start, check_resume_config, inputs_record)
 from ftcore.tokenizer import Tokenizer
 
@@ -153,6 +153,7 @@ def train(cfg: Config) -> dict:
     if proc.device.type == "cpu" and (said := keep_freed_memory()) and proc.is_main:
         print(said, flush=True)
     check_offload(cfg.train, proc.device)  # before anything is written
+    check_tensorboard(cfg.log)
     check_optimizer_in_backward(cfg, accumulation_steps(cfg, proc.world_size), ddp=use_ddp(cfg, proc.world_size))
     lock = RunLock(Path(cfg.run.dir)) if proc.is_main else None
     try:
@@ -276,7 +277,7 @@ def fine_tune(cfg: Config, proc: Process, run: Run):
     train_targets = [ex.num_targets for ex in train_set]
     train_tokens = [len(ex.input_ids) - 1 for ex in train_set]
 
-    start_step, tokens_seen = 0, 0
+    start_step, tokens_seen, state = 0, 0, {}
     if run.resume_from is not None:
         state = ckpt.load_checkpoint(run.resume_from, model, optimizer, proc)
         scheduler.load_state_dict(state["scheduler"])
@@ -284,14 +285,12 @@ def fine_tune(cfg: Config, proc: Process, run: Run):
         start_step, tokens_seen = state["step"], state["tokens"]
         if proc.is_main:
             print(f"resumed from {run.resume_from} (step {start_step})", flush=True)
-    log = MetricsLog(run.dir / "metrics.jsonl", start_step if run.resume_from else None, proc.is_main)
 
-    bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train",
-               disable=not (proc.is_main and cfg.log.progress), dynamic_ncols=True)
+    log = TrainLog(cfg, run.dir, proc, start_step if run.resume_from else None, state.get("log_window"))
     model.train()
-    skipped = NonFiniteSkips(cfg, bar if proc.is_main else None)
+    skipped = NonFiniteSkips(cfg, log.bar if proc.is_main else None)
     for step in range(start_step, cfg.train.max_steps):
-        t0 = time.perf_counter()
+        log.begin()
         indices = sampler.indices(step)
         num_targets = sum(train_targets[i] for i in indices)
         step_tokens = sum(train_tokens[i] for i in indices)
@@ -305,27 +304,17 @@ def fine_tune(cfg: Config, proc: Process, run: Run):
         scheduler.step()
         sampler.seek(step + 1)
         tokens_seen += step_tokens
-        step_s = time.perf_counter() - t0
         done = step + 1
+        log.end(done, loss, lr, gnorm, num_targets, step_tokens, tokens_seen)  # a record per window (ftcore/logs.py)
 
-        if done % cfg.log.every == 0 or done == cfg.train.max_steps:
-            rec = {"step": done, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens": tokens_seen,
-                   "completion_tokens": num_targets, "tokens_per_s": step_tokens / step_s,
-                   "peak_mem_bytes": peak_mem_bytes(proc.device)}
-            log.write(rec)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / step_s:.0f}",
-                            mem=f"{rec['peak_mem_bytes'] / 2**30:.2f}G")
         if cfg.eval.every and done % cfg.eval.every == 0:
-            val = validation_loss(model, run.datasets.validation, cfg, proc, autocast, pad_id)
-            log.write({"step": done, "val_loss": val})
-            if proc.is_main:
-                bar.write(f"step {done}: val_loss {val:.4f}")
+            log.validation(done, validation_loss(model, run.datasets.validation, cfg, proc, autocast, pad_id))
         if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < cfg.train.max_steps:
             ckpt.save_checkpoint(run.dir / "checkpoints", done, model, optimizer,
                                  {"step": done, "tokens": tokens_seen, "scheduler": scheduler.state_dict(),
-                                  "sampler": sampler.state_dict()}, proc, cfg.checkpoint.keep)
-        bar.update(1)
-    bar.close()
+                                  "sampler": sampler.state_dict(), "log_window": log.window_state()},
+                                 proc, cfg.checkpoint.keep)
+    log.close()
     run.phase_done("fine-tune", t_phase)
     return model
 
@@ -355,6 +344,8 @@ def finish(cfg: Config, proc: Process, run: Run, model) -> dict:
         draw_curves(run.dir)
     if proc.is_main and run.results:
         print(write_report(run.dir, run.results, n_samples=cfg.eval.samples, shots=cfg.eval.shots), flush=True)
+        if cfg.log.tensorboard:
+            log_evaluation(run.dir, run.results, cfg.train.max_steps)
     if proc.is_main:
         print("time per phase: " + ", ".join(f"{k} {v:.0f} s" for k, v in run.phase_s.items()) +
               f"; total {time.perf_counter() - run.t_start:.0f} s", flush=True)

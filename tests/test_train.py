@@ -144,7 +144,7 @@ def test_two_processes_match_one(tiny_setup, tmp_path, fsdp):
     r1 = _run_cli(["train", "configs/tiny_cpu.toml", *args])
     assert r1.returncode == 0, r1.stderr[-3000:]
     args2 = [a.replace(str(tmp_path / "one"), str(tmp_path / "two")) for a in args]
-    r2 = _run_cli(["train", "configs/tiny_cpu.toml", *args2], nproc=2)
+    r2 = _run_cli(["train", "configs/tiny_cpu.toml", *args2, "log.tensorboard=true"], nproc=2)
     assert r2.returncode == 0, r2.stderr[-3000:]
     l1, l2 = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(l1) == len(l2) == 10
@@ -156,6 +156,9 @@ def test_two_processes_match_one(tiny_setup, tmp_path, fsdp):
     assert w1.keys() == w2.keys()
     for k in w1:
         assert (w2[k] - w1[k]).norm() <= 1e-5 * w1[k].norm(), k
+    # TensorBoard from rank 0 alone (events.out.tfevents.TIME.HOST.PID.N): the loop's file and the evaluation's
+    events = sorted((tmp_path / "two" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 2 and len({p.name.split(".")[-2] for p in events}) == 1, events
 
 
 @pytest.mark.slow

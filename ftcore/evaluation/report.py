@@ -98,6 +98,21 @@ def _verdict(task: str, results: dict, metric: str) -> str:
     return "; ".join(notes)
 
 
+def headline_numbers(results: dict) -> dict[tuple[str, str, str], float]:
+    """{(task, section, metric): value}: each task's headline metric in every section, and the
+    models' ranked-label score (rank_METRIC) where there is one: the numbers of the summary table."""
+    out = {}
+    for task in dict.fromkeys(t for sec in results.values() for t in sec):
+        metric = HEADLINE.get(_kind(next(sec[task] for sec in results.values() if task in sec)))
+        if metric is None:
+            continue
+        for section, tasks in results.items():
+            for key in (metric,) if section == "baseline" else (metric, f"rank_{metric}"):  # the baseline ranks nothing
+                if isinstance(value := tasks.get(task, {}).get(key), (int, float)) and not isinstance(value, bool):
+                    out[(task, section, key)] = float(value)
+    return out
+
+
 def _summary(results: dict, tasks: list[str], titles: dict[str, str], sections: list[str]) -> list[str]:
     head = ["task", "metric"] + [titles[s] for s in sections] + (["verdict"] if "finetuned" in sections else [])
     lines = ["## Summary", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
