@@ -52,7 +52,7 @@ while [ $# -gt 0 ]; do
 done
 if [ "$dry" = 1 ]; then
   for p in "${order[@]}"; do cap[$p]=${dry_cap[$p]}; done
-  budget=${budget:-60}; reserve=8; margin=2
+  budget=${budget:-60}; reserve=8; margin=3
 else
   budget=${budget:-480}; reserve=20; margin=8
 fi

@@ -80,3 +80,15 @@ def test_the_dry_run_keeps_every_parts_rows_within_its_budget(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     text = results.read_text()
     assert text.index("GPU check on") < text.index("## 2026-01-01: older") and text.startswith("# Results")
+
+    # the second call's parts: the other `-m gpu` tests and the compiled rows
+    out2 = tmp_path / "out2"
+    p = subprocess.run(["bash", "bench/gpu_check.sh", str(out2), "--dry-run", "--budget-s", "30", "--parts", ",".join(LATER)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
+    assert p.returncode == 0, p.stderr[-3000:]
+    parts = {line.split("\t")[0]: line.split("\t") for line in (out2 / "parts.tsv").read_text().splitlines()}
+    assert all(parts[name][1] == "skipped" for name in PARTS) and all(parts[name][1] in ("0", "124") for name in LATER), parts
+    work = _work(out2, tmp_path / "x2")
+    assert (work / "tests.jsonl").is_file() and json.loads((work / "compiled/results.json").read_text())["rows"]
+    md = (out2 / "RESULTS.md").read_text()
+    assert "pytest -m gpu`, the other tests:" in md and "### Compiled rows: tiny" in md
