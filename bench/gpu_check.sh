@@ -25,7 +25,7 @@
 # their own --budget-s, so they stop themselves in time. Results are written row by row (pytest
 # through --report-jsonl), and a part that still outruns its cap gets SIGTERM, which each of them
 # turns into writing what it has, the row in progress marked as cut. No part stops another: the
-# tests run without -x, and each part runs whatever the one before it did.
+# tests run without -x, and each part runs whatever became of the one before.
 # Peers the GPU image lacks travel as wheels in .whl/ (bench/fetch_gpu_wheels.sh; carry ".whl").
 # What comes back: OUT/RESULTS.md, OUT/parts.tsv, the plots, and OUT/work.tar.gz (every log and
 # JSON): the device tool returns at most 8 files.

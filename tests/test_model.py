@@ -13,7 +13,7 @@ from ftcore.hf import config_from_hf, read_config
 from ftcore.model import ModelConfig, ModelConfigError, Transformer, document_mask
 from ftcore.weights import ours_to_hf
 
-from helpers import hf_grads_by_our_name, make_hf_checkpoint, needs_transformers, rel_err, tiny_model
+from helpers import gpu, hf_grads_by_our_name, make_hf_checkpoint, needs_cuda, needs_transformers, rel_err, tiny_model
 
 TOL = 1e-5
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -405,3 +405,18 @@ def test_expanded_kv_heads_give_the_same_model(monkeypatch):
     eps = torch.finfo(torch.float32).eps
     for r, g, e in zip(ref, grouped, expanded):
         assert rel_err(e, r) <= rel_err(g, r) + 8 * eps, (rel_err(e, r), rel_err(g, r))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_gqa_attention_never_needs_the_math_kernel(dtype):
+    """With SDPA's math kernel (which materialises B x H x T x T per layer) taken away, a GQA model
+    still trains: fp32 through expanded K/V and the memory-efficient kernel, bf16 through flash."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    model = tiny_model(seed=3).to("cuda", dtype).train()
+    ids = torch.randint(0, 131, (2, 256), device="cuda")
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        loss, _ = model(ids, labels=ids)
+        loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
