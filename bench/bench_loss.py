@@ -19,6 +19,11 @@ d_weight against a float64 reference. The floor is 6*N_labelled*H*V FLOPs at the
 measured in the same command. For ftcore's kernel the cost of its one host sync is estimated too:
 the loss timed behind a long matmul, minus both timed alone.
 
+Rows are measured fraction by fraction, the compiled ones last (compiling takes the longest), and
+--out is rewritten after every row; --budget-s skips the rows left once it is spent, and a SIGTERM
+(bench/gpu_check.sh's cap) marks the row in progress as cut: either way the JSON lists every row.
+Each row records the torch and triton versions.
+
     python bench/bench_loss.py --out bench/loss.json          # GPU, workload A
     python bench/bench_loss.py --smoke                         # tiny shapes on CPU, end to end
 """
@@ -30,11 +35,16 @@ import json
 import os
 import platform
 import sys
+import time
 import traceback
+from pathlib import Path
 
-from common import StepTimer, versions
+STARTED = time.perf_counter()  # --budget-s counts from here, imports included
+
+from common import StepTimer, row_versions, stop_on_sigterm, versions  # noqa: E402
 import torch  # noqa: E402  (after common: the checkout on sys.path)
 
+from ftcore.files import write_atomic  # noqa: E402
 from ftcore.model import IGNORE_INDEX  # noqa: E402
 
 SMOKE = dict(seqs=2, seq_len=32, H=48, V=300, iters=2, warmup=1)
@@ -173,7 +183,9 @@ def main(argv=None):
     p.add_argument("--fractions", default="1.0,0.25")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--out", default=None, help="write the results as JSON here (after every row)")
+    p.add_argument("--budget-s", type=float, default=float("inf"),
+                   help="measure no method after this many seconds (the rows left are listed as skipped)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -193,62 +205,107 @@ def main(argv=None):
         wanted = [m for m in methods if not (args.smoke and m == "compile")]
     methods = {k: v for k, v in methods.items() if k in wanted}
 
-    from ftcore.kernels.linear_cross_entropy import chunk_rows_for
     H, V = cfg["H"], cfg["V"]
-    tflops = matmul_tflops(device, dtype, H, V, timer)
+    vs = versions()
     meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
                 device=(torch.cuda.get_device_name(device) if device.type == "cuda"
                         else platform.processor() or "cpu"),
-                versions=versions(), torch=torch.__version__, triton=versions().get("triton"), command=" ".join(sys.argv),
-                shape=dict(N=cfg["seqs"] * cfg["seq_len"], H=H, V=V, dtype=args.dtype),
-                matmul_tflops=tflops)
+                versions=vs, **row_versions(vs), command=" ".join(sys.argv),
+                shape=dict(N=cfg["seqs"] * cfg["seq_len"], H=H, V=V, dtype=args.dtype), matmul_tflops=None)
+    # compiling takes the longest (tens of seconds a shape): every other row first, so that a budget
+    # spent by then costs the compiled rows only
+    fractions = [float(f) for f in args.fractions.split(",")]
+    plan = [(f, m) for f in fractions for m in methods if m != "compile"] + \
+           [(f, "compile") for f in fractions if "compile" in methods]
     rows = []
-    print(f"# {meta['device']}, torch {meta['torch']}, triton {meta['triton']}; "
-          f"N={meta['shape']['N']} H={H} V={V} {args.dtype}; matmul {tflops:.3g} TFLOP/s\n")
-    print("| fraction | method | median ms | x floor | extra peak MiB | of which fp32 dW acc MiB "
-          "| err loss | err d_hidden | err d_weight |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for fraction in map(float, args.fractions.split(",")):
-        hidden, weight, labels = make_workload(cfg, fraction, dtype, device)
-        hidden.requires_grad_(), weight.requires_grad_()
-        ref = reference(hidden, weight, labels)
-        n = int((labels != IGNORE_INDEX).sum())
-        floor = 6 * n * H * V / (tflops * 1e12) * 1e3
-        print(f"| {fraction} | floor (6·N·H·V at the matmul rate) | {floor:.2f} | 1.00 | | | | | |")
-        rows.append(dict(fraction=fraction, method="floor", ms=floor))
-        for key, (name, fn) in methods.items():
-            acc = None  # known for ftcore's own: an fp32 accumulator when several bf16 chunks
-            if key in ("triton", "chunked"):
-                several = dtype != torch.float32 and chunk_rows_for(n, V, H, dtype) < n
-                acc = V * H * 4 / MiB if several else 0.0
-            try:
-                r = measure(fn, hidden, weight, labels, ref, timer, cfg["iters"], cfg["warmup"])
-            except Exception as e:  # one method failing (OOM, unsupported) must not end the table
-                traceback.print_exc(file=sys.stderr)
-                r = dict(ms=None, extra_mib=None, err_loss=None, err_d_hidden=None,
-                         err_d_weight=None, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-                hidden.grad = weight.grad = None
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            r.update(fraction=fraction, method=key, name=name, acc_mib=acc)
-            if key == "triton" and device.type == "cuda" and r["ms"] is not None:
-                r["sync_cost_ms"] = sync_cost_ms(fn, hidden, weight, labels, timer, cfg["iters"],
-                                                 cfg["warmup"])
+    stop_on_sigterm()
+    save(args.out, meta, rows, plan, methods)  # the plan, before anything can be cut
+    t_start, work = STARTED if argv is None else time.perf_counter(), None  # as a command, from its start
+    try:
+        tflops = meta["matmul_tflops"] = matmul_tflops(device, dtype, H, V, timer)
+        print(f"# {meta['device']}, torch {meta['torch']}, triton {meta['triton']}; "
+              f"N={meta['shape']['N']} H={H} V={V} {args.dtype}; matmul {tflops:.3g} TFLOP/s\n")
+        print("| fraction | method | median ms | x floor | extra peak MiB | of which fp32 dW acc MiB "
+              "| err loss | err d_hidden | err d_weight |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for fraction, key in plan:
+            if time.perf_counter() - t_start >= args.budget_s:
+                r = dict(ms=None, status="skipped", error=f"budget ({args.budget_s:.0f} s) spent")
+            else:
+                if work is None or work["fraction"] != fraction:
+                    work = None  # the last fraction's tensors go before the next ones are made
+                    work = workload(cfg, fraction, dtype, device, tflops)
+                    if not any(r["method"] == "floor" and r["fraction"] == fraction for r in rows):
+                        rows.append(dict(fraction=fraction, method="floor", ms=work["floor"], **row_versions(vs)))
+                        print(f"| {fraction} | floor (6·N·H·V at the matmul rate) | {work['floor']:.2f} | 1.00 | | | | | |")
+                r = measure_method(key, methods[key][1], work, dtype, device, timer, cfg)
+            r.update(fraction=fraction, method=key, name=methods[key][0], **row_versions(vs))
             rows.append(r)
-            ratio = r["ms"] / floor if r["ms"] is not None else None
-            print(f"| {fraction} | {name} | {fmt(r['ms'], '.2f')} | {fmt(ratio, '.2f')} | "
-                  f"{fmt(r['extra_mib'], '.0f')} | {fmt(acc, '.0f')} | {fmt(r['err_loss'], '.1e')} | "
-                  f"{fmt(r['err_d_hidden'], '.1e')} | {fmt(r['err_d_weight'], '.1e')} |"
-                  + (f" {r['error']}" if "error" in r else ""))
-        del hidden, weight, labels, ref
+            print_row(r, work["floor"] if work else None)
+            save(args.out, meta, rows, plan, methods)  # row by row: a part cut short keeps what it has
+    except KeyboardInterrupt:  # SIGTERM (gpu_check.sh's timeout) or Ctrl-C: keep what ran, say what did not
+        cut = f"the command was stopped after {time.perf_counter() - t_start:.0f} s (SIGTERM or Ctrl-C)"
+        measured = {(r["fraction"], r["method"]) for r in rows}
+        for j, (fraction, key) in enumerate(p for p in plan if p not in measured):
+            rows.append(dict(fraction=fraction, method=key, name=methods[key][0], ms=None,
+                             status="skipped" if j else "cut", error=cut, **row_versions(vs)))
+        save(args.out, meta, rows, plan, methods)
+        return rows
     for r in rows:
         if "sync_cost_ms" in r:
             print(f"\nfraction {r['fraction']}: ftcore triton's host sync costs "
                   f"~{r['sync_cost_ms']:.3f} ms (loss behind a long matmul, minus both alone)")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
     return rows
+
+
+def workload(cfg, fraction, dtype, device, tflops) -> dict:
+    """Workload A at one completion fraction: the inputs, their float64 reference, the FLOP floor."""
+    hidden, weight, labels = make_workload(cfg, fraction, dtype, device)
+    hidden.requires_grad_(), weight.requires_grad_()
+    n = int((labels != IGNORE_INDEX).sum())
+    return dict(fraction=fraction, hidden=hidden, weight=weight, labels=labels, n=n,
+                ref=reference(hidden, weight, labels), floor=6 * n * cfg["H"] * cfg["V"] / (tflops * 1e12) * 1e3)
+
+
+def measure_method(key, fn, work, dtype, device, timer, cfg) -> dict:
+    """One method's row; a method that fails (OOM, unsupported) is reported, not fatal to the table."""
+    from ftcore.kernels.linear_cross_entropy import chunk_rows_for
+    hidden, weight, labels, n, V, H = work["hidden"], work["weight"], work["labels"], work["n"], cfg["V"], cfg["H"]
+    acc = None  # known for ftcore's own: an fp32 accumulator when several bf16 chunks
+    if key in ("triton", "chunked"):
+        several = dtype != torch.float32 and chunk_rows_for(n, V, H, dtype) < n
+        acc = V * H * 4 / MiB if several else 0.0
+    try:
+        r = measure(fn, hidden, weight, labels, work["ref"], timer, cfg["iters"], cfg["warmup"])
+        r["status"] = "ok"
+    except Exception as e:
+        traceback.print_exc(file=sys.stderr)
+        r = dict(ms=None, extra_mib=None, err_loss=None, err_d_hidden=None, err_d_weight=None, status="failed",
+                 error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        hidden.grad = weight.grad = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    r["acc_mib"] = acc
+    if key == "triton" and device.type == "cuda" and r["ms"] is not None:
+        r["sync_cost_ms"] = sync_cost_ms(fn, hidden, weight, labels, timer, cfg["iters"], cfg["warmup"])
+    return r
+
+
+def print_row(r: dict, floor: float) -> None:
+    ratio = r["ms"] / floor if r.get("ms") is not None else None
+    print(f"| {r['fraction']} | {r['name']} | {fmt(r.get('ms'), '.2f')} | {fmt(ratio, '.2f')} | "
+          f"{fmt(r.get('extra_mib'), '.0f')} | {fmt(r.get('acc_mib'), '.0f')} | {fmt(r.get('err_loss'), '.1e')} | "
+          f"{fmt(r.get('err_d_hidden'), '.1e')} | {fmt(r.get('err_d_weight'), '.1e')} |"
+          + (f" {r['status']}: {r['error']}" if r.get("error") else ""), flush=True)
+
+
+def save(out, meta: dict, rows: list[dict], plan: list[tuple], methods: dict) -> None:
+    """The JSON as it stands: the rows measured so far, then the rest of the plan ("not run")."""
+    if out:
+        done = {(r["fraction"], r["method"]) for r in rows}
+        pending = [dict(fraction=f, method=m, name=methods[m][0], ms=None, status="not run")
+                   for f, m in plan if (f, m) not in done]
+        write_atomic(Path(out), json.dumps(dict(meta=meta, rows=rows + pending), indent=1))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ Per row: tokens/s, useful MFU (bench/README.md has the FLOP formula), forward / 
 optimizer time (CUDA events), peak allocated and reserved memory, and ftcore.memory's estimate
 beside the measured peak. The markdown table is printed last; results.json and plots go to --out.
 
-    python bench/bench_step.py --budget-s 420                     # GPU: the eager rows fit in ~4 min
+    python bench/bench_step.py --budget-s 420                     # GPU: ends within 7 min, rows past it skipped
     python bench/bench_step.py --rows loss-compile,compile,best-compile,hf-compile
     python bench/bench_step.py --sweep --rows baseline,ac-full,best   # + peak vs seq len / batch
     python bench/bench_step.py --preset llama-3-8b --estimate-only     # memory only, no run
@@ -35,8 +35,11 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, cpu_info, fmt_size, gpu_info, peak_tflops, versions
+STARTED = time.perf_counter()  # --budget-s counts from here, imports included
+
+from common import ROOT, cpu_info, fmt_size, gpu_info, peak_tflops, row_versions, stop_on_sigterm, versions  # noqa: E402
 import torch  # noqa: E402  (after common: the checkout on sys.path)
+from ftcore.files import write_atomic  # noqa: E402
 
 from child import ChildSpec, launch  # noqa: E402
 from matrix import CPU_ROWS, LADDER_ROWS, PRESETS, ROWS, SMOKE_ROWS, Row, estimate_row, model_config, why_unavailable  # noqa: E402,F401
@@ -109,7 +112,8 @@ def main(argv=None) -> int:
                     "(default: the preset's, else 0.75)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--budget-s", type=float, default=420.0, help="start no row after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=420.0,
+                    help="end within this many seconds: later rows are skipped, a running row is stopped")
     ap.add_argument("--row-timeout-s", type=float, default=300.0)
     ap.add_argument("--out", default="runs/bench")
     ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
@@ -123,6 +127,7 @@ def main(argv=None) -> int:
     ap.add_argument("--estimate-only", action="store_true", help="print the memory estimates, run nothing")
     ap.add_argument("--run", action="store_true", help="run a memory-only preset (llama-3-8b) anyway")
     ap.add_argument("--smoke", action="store_true", help="tiny shape, CPU, 2 steps, a few rows (CI)")
+    ap.add_argument("--no-plots", action="store_true", help="results.json and results.md only (gpu_check.sh plots later)")
     args = ap.parse_args(argv)
 
     if args.smoke:
@@ -186,53 +191,83 @@ def main(argv=None) -> int:
     base_spec = ChildSpec(row=Row("(sweep)", ""), cfg=cfg, device=device, prompt_frac=args.prompt_frac,
                           out=str(out.resolve()), micro_batch=B, seq_len=T)
 
-    t_start = time.perf_counter()
-    for i, row in enumerate(selected):
-        rec = {"name": row.name, "what": row.what, "row": dataclasses.asdict(row)}
-        elapsed = time.perf_counter() - t_start
-        reason = why_unavailable(row, device)
-        if reason:
-            rec.update(status="skipped", error=reason)
-        elif elapsed > args.budget_s:
-            rec.update(status="skipped", error=f"budget ({args.budget_s:.0f} s) spent")
-        else:
-            spec = dataclasses.replace(base_spec, row=row, steps=args.steps, warmup=args.warmup,
-                                       memory_snapshot=args.memory_snapshot, profile=args.profile)
-            timeout = min(args.row_timeout_s, max(30.0, args.budget_s - elapsed + 30.0))
-            t0 = time.perf_counter()
-            rec.update(launch(spec, timeout, env))
-            rec["wall_s"] = time.perf_counter() - t0
-        rec.update(estimate_row(row, cfg, B, T, frac, device) or {})
-        if rec.get("device_name"):  # what torch itself saw
-            meta["device"], meta["device_memory"] = rec["device_name"], rec["device_memory"]
-            ptf = meta["peak_tflops"] = args.peak_tflops or peak_tflops(rec["device_name"])
-        if rec.get("status") == "ok" and ptf:
-            rec["mfu"] = flops["useful"] / rec["step_s"] / (ptf * 1e12)
-        results["rows"].append(rec)
-        msg = rec.get("status")
-        if msg == "ok":
-            msg = f"{rec['tokens_per_s']:,.0f} tok/s, peak {fmt_size(rec['peak_alloc'])}"
-            if rec.get("est_peak"):
-                msg += f" (estimate {fmt_size(rec['est_peak'])}, {100 * (rec['est_peak'] / rec['peak_alloc'] - 1):+.1f}%)"
-        elif rec.get("error"):
-            msg += f": {rec['error']}"
-        print(f"[{i + 1}/{len(selected)}] {row.name}: {msg} ({time.perf_counter() - t_start:.0f} s)", file=sys.stderr, flush=True)
-
-    if args.sweep:
-        results["sweep"] = run_sweep(args, cfg, device, base_spec, env, t_start, frac)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    t_start = STARTED if argv is None else time.perf_counter()  # as a command, from its start
+    stop_on_sigterm()
+    done: list[dict] = results["rows"]
+    save_results(results, selected, out)  # the plan, before anything can be cut
     try:
-        from plot import plot_results  # bench/plot.py, next to this file
-        notes = plot_results(results, out)
-    except ImportError as e:
-        notes = [f"plots skipped: {e} (pip install -e '.[bench]')"]
-    for n in notes:
-        print(n, file=sys.stderr)
+        for i, row in enumerate(selected):
+            rec = {"name": row.name, "what": row.what, "row": dataclasses.asdict(row), **row_versions(meta["versions"])}
+            run_row(rec, row, args, base_spec, env, time.perf_counter() - t_start)
+            rec.update(estimate_row(row, cfg, B, T, frac, device) or {})
+            if rec.get("device_name"):  # what torch itself saw
+                meta["device"], meta["device_memory"] = rec["device_name"], rec["device_memory"]
+                ptf = meta["peak_tflops"] = args.peak_tflops or peak_tflops(rec["device_name"])
+            if rec.get("status") == "ok" and ptf:
+                rec["mfu"] = flops["useful"] / rec["step_s"] / (ptf * 1e12)
+            done.append(rec)
+            save_results(results, selected, out)  # row by row: a part cut short keeps what it has
+            print(f"[{i + 1}/{len(selected)}] {row.name}: {row_message(rec)} ({time.perf_counter() - t_start:.0f} s)",
+                  file=sys.stderr, flush=True)
+        if args.sweep:
+            results["sweep"] = run_sweep(args, cfg, device, base_spec, env, t_start, frac)
+    except KeyboardInterrupt:  # SIGTERM (gpu_check.sh's timeout) or Ctrl-C: keep what ran, say what did not
+        cut = f"the command was stopped after {time.perf_counter() - t_start:.0f} s (SIGTERM or Ctrl-C)"
+        for j, row in enumerate(selected[len(done):]):  # the first one was running
+            done.append({"name": row.name, "what": row.what, "row": dataclasses.asdict(row),
+                         **row_versions(meta["versions"]), "status": "skipped" if j else "cut", "error": cut})
+        save_results(results, selected, out)
+        print(fmt_table(results))
+        return 130
+    save_results(results, selected, out)
+    if not args.no_plots:
+        try:
+            from plot import plot_results  # bench/plot.py, next to this file
+            notes = plot_results(results, out)
+        except ImportError as e:
+            notes = [f"plots skipped: {e} (pip install -e '.[bench]')"]
+        for n in notes:
+            print(n, file=sys.stderr)
     print(f"results: {out / 'results.json'}", file=sys.stderr)
     if results.get("sweep"):
         print(fmt_sweep(results["sweep"]) + "\n")
     print(fmt_table(results))  # last: the table is the end of stdout
     return 0
+
+
+def run_row(rec: dict, row: Row, args, base_spec: ChildSpec, env: dict, elapsed: float) -> None:
+    """One row in its own process, within what is left of --budget-s (the row is stopped there)."""
+    reason = why_unavailable(row, base_spec.device)
+    if reason:
+        rec.update(status="skipped", error=reason)
+    elif elapsed >= args.budget_s - 1:
+        rec.update(status="skipped", error=f"budget ({args.budget_s:.0f} s) spent")
+    else:
+        spec = dataclasses.replace(base_spec, row=row, steps=args.steps, warmup=args.warmup,
+                                   memory_snapshot=args.memory_snapshot, profile=args.profile)
+        t0 = time.perf_counter()
+        rec.update(launch(spec, min(args.row_timeout_s, args.budget_s - elapsed), env))
+        rec["wall_s"] = time.perf_counter() - t0
+
+
+def row_message(rec: dict) -> str:
+    msg = rec.get("status")
+    if msg == "ok":
+        msg = f"{rec['tokens_per_s']:,.0f} tok/s, peak {fmt_size(rec['peak_alloc'])}"
+        if rec.get("est_peak"):
+            msg += f" (estimate {fmt_size(rec['est_peak'])}, {100 * (rec['est_peak'] / rec['peak_alloc'] - 1):+.1f}%)"
+    elif rec.get("error"):
+        msg += f": {rec['error']}"
+    return msg
+
+
+def save_results(results: dict, selected: list, out: Path) -> None:
+    """results.json and results.md as they stand: the rows run so far, then the rows still to run
+    (status "not run"), each file replaced whole."""
+    pending = [{"name": r.name, "what": r.what, "status": "not run", "error": ""} for r in selected[len(results["rows"]):]]
+    now = {**results, "rows": results["rows"] + pending}
+    write_atomic(out / "results.json", json.dumps(now, indent=1))
+    write_atomic(out / "results.md", fmt_table(now) + "\n")
 
 
 def run_sweep(args, cfg, device: str, base_spec: ChildSpec, env: dict, t_start: float, frac: float) -> list[dict]:
@@ -250,13 +285,13 @@ def run_sweep(args, cfg, device: str, base_spec: ChildSpec, env: dict, t_start: 
         elapsed = time.perf_counter() - t_start
         if row.impl != "ftcore":
             reason = "the sweep compares with the estimate: ftcore rows only"
-        elif not reason and elapsed > args.budget_s:
+        elif not reason and elapsed >= args.budget_s - 1:
             reason = f"budget ({args.budget_s:.0f} s) spent"
         if reason:
             print(f"sweep {name}: skipped ({reason})", file=sys.stderr)
             continue
         spec = dataclasses.replace(base_spec, row=row, sweep=points)
-        res = launch(spec, min(args.row_timeout_s, max(30.0, args.budget_s - elapsed + 30.0)), env)
+        res = launch(spec, min(args.row_timeout_s, args.budget_s - elapsed), env)
         measured = {(p["micro_batch"], p["seq_len"]): p for p in res.get("sweep", [])}
         for B, T in points:
             e = estimate_row(row, cfg, B, T, frac, device)

@@ -167,7 +167,7 @@ class RowStep:
         self.around_forward = self.forward_done
         if self.run_cfg.train.activation_offload:
             from ftcore.offload import ActivationOffload
-            self.around_forward = _Both(ActivationOffload(device), self.forward_done)
+            self.around_forward = _Both(ActivationOffload(device, head=self.model.norm), self.forward_done)
 
     def batch(self, B: int, T: int):
         ids, labels, hf_labels = make_batch(self.cfg, B, T, self.spec.prompt_frac, self.device)

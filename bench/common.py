@@ -1,9 +1,10 @@
 """What the benchmarks share: the checkout on sys.path, the step timer, the machine's name,
-the versions of what ran, the GPU's peak, sizes in words."""
+the versions of what ran, the GPU's peak, sizes in words, the stop of a part cut short."""
 from __future__ import annotations
 
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -107,6 +108,19 @@ def versions() -> dict:
     if torch.version.cuda:
         v["cuda"] = torch.version.cuda
     return v
+
+
+def row_versions(v: dict) -> dict:
+    """What every result row records of versions(): a row's numbers depend on these two most (the
+    kernels and, before torch 2.13, the correctness of CPU offload with the optimizer in backward)."""
+    return {"torch": v.get("torch"), "triton": v.get("triton")}
+
+
+def stop_on_sigterm() -> None:
+    """bench/gpu_check.sh ends a part that outruns its cap with `timeout`'s SIGTERM: raised here as
+    KeyboardInterrupt instead of ending the process, so the part still writes the rows it has and
+    marks the one in progress as cut."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def fmt_size(b: float) -> str:

@@ -15,8 +15,12 @@ import platform
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import common  # noqa: F401  (the checkout on sys.path)
 import torch
+
+from ftcore.files import write_atomic
 
 
 def versions() -> dict[str, str | None]:
@@ -83,9 +87,10 @@ def main() -> int:
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": gpu_facts(),
-           "versions": versions(), "measured": measure(device), "command": " ".join(sys.argv)}
-    with open(args.out, "w") as f:
-        json.dump(env, f, indent=1)
+           "versions": versions(), "measured": None, "command": " ".join(sys.argv)}
+    write_atomic(Path(args.out), json.dumps(env, indent=1))  # the facts first: a cut part still has them
+    env["measured"] = measure(device)
+    write_atomic(Path(args.out), json.dumps(env, indent=1))
     m = env["measured"]
     print(f"{env['device']['name']}: bf16 matmul {m['bf16_tflops']:.1f} TFLOP/s ({m['matmul_shape']}^3), "
           f"copy {m['copy_gbps']:.0f} GB/s; " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v))

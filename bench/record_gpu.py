@@ -14,7 +14,6 @@ import json
 import shutil
 import sys
 import tempfile
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 GiB = 2 ** 30
@@ -47,24 +46,35 @@ def header(env: dict | None, parts: list[list[str]]) -> list[str]:
     lines = [title, "", f"Device: {d['name']}" + (f", {d['memory_bytes'] / GiB:.0f} GiB, driver {d.get('driver')}, "
                                                   f"compute capability {d.get('capability')}" if d.get("kind") == "cuda" else " (a CPU: the dry run)"),
              "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
-             f"Measured in the same call: bf16 matmul {m['bf16_tflops']:.1f} TFLOP/s ({m['matmul_shape']}^3), "
-             f"copy {m['copy_gbps']:.0f} GB/s (read + write).", "",
+             (f"Measured in the same call: bf16 matmul {m['bf16_tflops']:.1f} TFLOP/s ({m['matmul_shape']}^3), "
+              f"copy {m['copy_gbps']:.0f} GB/s (read + write)." if m else "Rates not measured: part 1 was cut."), "",
              "Command: `bench/gpu_check.sh OUT` (one device call), then `python bench/record_gpu.py OUT`. Parts:", ""]
     return lines + _table(["part", "exit", "seconds", "result"], parts)
 
 
-def tests_section(path: Path) -> list[str]:
+def _versions(v: dict) -> str:
+    """torch and triton, as every table states them (a row's numbers depend on both)."""
+    return f"torch {v.get('torch') or '—'}, triton {v.get('triton') or '—'}"
+
+
+def tests_section(path: Path, title: str) -> list[str]:
+    """A pytest part from its --report-jsonl lines: one per finished test, so a part cut short
+    still shows what ran."""
     try:
-        root = ET.parse(path).getroot()
-    except (OSError, ET.ParseError):
-        return ["### `-m gpu` tests: no report", ""]
-    suite = root if root.tag == "testsuite" else root.find("testsuite")
-    n = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-    bad = [f"{c.get('classname')}::{c.get('name')}" for c in suite.iter("testcase")
-           if c.find("failure") is not None or c.find("error") is not None]
-    lines = [f"### `FTCORE_TEST_CUDA=1 pytest -m gpu`: {n['tests'] - n['failures'] - n['errors'] - n['skipped']} passed, "
-             f"{n['failures'] + n['errors']} failed, {n['skipped']} skipped", ""]
-    return lines + [f"- failed: `{b}`" for b in bad] + ([""] if bad else [])
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return [f"### {title}: no report", ""]
+    start = next((r for r in records if r.get("session") == "start"), {})
+    end = next((r for r in records if r.get("session") in ("finished", "interrupted")), None)
+    collected = next((r["collected"] for r in records if "collected" in r), None)
+    tests = [r for r in records if "test" in r]
+    n = {k: sum(r["outcome"] == k for r in tests) for k in ("passed", "failed", "error", "skipped")}
+    ended = ("cut short: the cap stopped it" if end is None or end["session"] == "interrupted"
+             else f"exit {end['exitstatus']}")
+    lines = [f"### {title}: {n['passed']} passed, {n['failed'] + n['error']} failed, {n['skipped']} skipped "
+             f"of {_f(collected, 'd')} collected ({ended}; {_versions(start)})", ""]
+    bad = [r for r in tests if r["outcome"] in ("failed", "error")]
+    return lines + [f"- {r['outcome']}: `{r['test']}`: {r['message'][:200]}" for r in bad] + ([""] if bad else [])
 
 
 def loss_section(res: dict | None) -> list[str]:
@@ -72,15 +82,16 @@ def loss_section(res: dict | None) -> list[str]:
         return ["### Workload A (fused loss): not measured", ""]
     s = res["meta"]["shape"]
     lines = [f"### Workload A: fused lm_head + cross-entropy, N {s['N']}, H {s['H']}, V {s['V']}, {s['dtype']}, "
-             "forward + backward", ""]
+             f"forward + backward ({_versions(res['meta'])})", ""]
     rows, by = [], {}
     for r in res["rows"]:
         by[(r["fraction"], r["method"])] = r
         if r["method"] == "floor":
             continue
+        note = f"{r['status']}: {r.get('error', '')}" if r.get("status") not in (None, "ok") else r.get("error", "")
         rows.append([str(r["fraction"]), r.get("name", r["method"]), _f(r.get("ms")), _f(r.get("extra_mib"), ".0f"),
                      _f(r.get("acc_mib"), ".0f"), _f(r.get("err_loss"), ".1e"), _f(r.get("err_d_weight"), ".1e"),
-                     r.get("error", "")[:80]])
+                     note[:80]])
     lines += _table(["fraction", "method", "ms", "extra peak MiB", "fp32 dW acc MiB", "err loss", "err dW", "error"], rows)
 
     def ratio(fr, a, b):
@@ -105,7 +116,7 @@ def _ok(rows, name):
 def step_table(res: dict, title: str) -> list[str]:
     w = res["meta"]["workload"]
     lines = [f"### {title}: {res['meta']['preset']}, micro-batch {w['micro_batch']} x {w['seq_len']}, "
-             f"{w['prompt_frac']:.0%} prompt", ""]
+             f"{w['prompt_frac']:.0%} prompt, {w['steps']} timed steps ({_versions(res['meta']['versions'])})", ""]
     rows = []
     for r in res["rows"]:
         if r.get("status") != "ok":
@@ -220,7 +231,8 @@ def record(out: Path) -> str:
     parts = [line.split("\t") for line in (out / "parts.tsv").read_text().splitlines() if line.strip()] \
         if (out / "parts.tsv").is_file() else []
     lines = header(_load(work / "env.json"), parts)
-    lines += tests_section(work / "tests.xml")
+    lines += tests_section(work / "kernels.jsonl", "`FTCORE_TEST_CUDA=1 pytest -m gpu`, the kernels")
+    lines += tests_section(work / "tests.jsonl", "`FTCORE_TEST_CUDA=1 pytest -m gpu`, the other tests")
     lines += loss_section(_load(work / "loss.json"))
     lines += step_section(_load(work / "step" / "results.json"))
     lines += ladder_section(_load(work / "ladder" / "results.json"), _load(work / "big" / "results.json"))

@@ -236,11 +236,26 @@ class AttnMask:
         return self._attend(q, k, v)
 
     def _attend(self, q, k, v):
+        if self.kind == "block":
+            return _flex_attention()(q, k, v, block_mask=self.block, enable_gqa=True)
+        gqa = k.shape[1] != q.shape[1]
+        if gqa and expand_kv_for_sdpa(q.device.type, q.dtype, self.kind == "dense", q.shape[2]):
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+            gqa = False
         if self.kind == "causal":
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        if self.kind == "dense":
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense, enable_gqa=True)
-        return _flex_attention()(q, k, v, block_mask=self.block, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense, enable_gqa=gqa)
+
+
+def expand_kv_for_sdpa(device_type: str, dtype: torch.dtype, masked: bool, q_len: int) -> bool:
+    """Whether grouped K/V heads are expanded to every query head before SDPA, instead of passed as
+    they are with enable_gqa. On CUDA only flash and cuDNN attention take enable_gqa, and only in
+    fp16/bf16 without a mask: anything else (fp32 training, a masked prefill) falls to the math
+    kernel, which materialises (B, H, Tq, Tk) scores in every layer. Expanded heads, as
+    transformers passes them, keep the memory-efficient kernel. Not for a single query row
+    (decoding: its scores are no bigger than K), nor on a CPU, whose flash kernel takes grouped
+    heads in every dtype, masked or not."""
+    return device_type == "cuda" and q_len > 1 and (masked or dtype not in (torch.float16, torch.bfloat16))
 
 
 _FLEX = None

@@ -28,6 +28,7 @@ from collections import defaultdict
 
 import torch
 from torch.distributed.tensor import DTensor
+from torch.torch_version import TorchVersion
 
 from ftcore.config import Config, ConfigError
 from ftcore.parallel import all_reduce_sum
@@ -71,8 +72,29 @@ def build_optimizer(model, cfg: Config, device: torch.device):
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.train.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]  # norms and biases
     make = functools.partial(_adamw, cfg, fused=fused_adamw(cfg, device))
-    opt = OptimizerInBackward(groups, make) if cfg.train.optimizer_in_backward else make(groups)
+    opt = (OptimizerInBackward(groups, make, before_step=grad_copy_wait(cfg, device))
+           if cfg.train.optimizer_in_backward else make(groups))
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+
+
+# FSDP2's CPU offload copies each reduced gradient to pinned host memory without blocking, and runs
+# the post-accumulate-grad hooks right after queueing the copy; until pytorch/pytorch#180666
+# ("[FSDP2] Fix post_accumulate_grad_hook staleness under CPUOffloadPolicy", first released in torch
+# 2.13: 2.12.0's foreach_reduce still copies non-blocking) the hook could read the gradient while the
+# copy was still writing it, and optimizer-in-backward stepped with stale values.
+GRAD_COPY_FIXED_IN = "2.13"
+
+
+def grad_copy_wait(cfg: Config, device: torch.device):
+    """What the hooks of optimizer_in_backward must call before reading a CPU-offloaded gradient on
+    a torch without that fix: a wait for the device (the copy runs on FSDP's reduce stream, so the
+    whole device, not the current stream). None where nothing needs waiting for."""
+    t = cfg.train
+    if not (t.optimizer_in_backward and t.cpu_offload) or device.type == "cpu":
+        return None
+    if TorchVersion(torch.__version__) >= GRAD_COPY_FIXED_IN:
+        return None
+    return functools.partial(torch.get_device_module(device).synchronize, device)
 
 
 def fused_adamw(cfg: Config, device: torch.device) -> bool:
@@ -223,10 +245,12 @@ class OptimizerInBackward(torch.optim.Optimizer):
     loaded groups and states back over the per-parameter optimizers.
 
     Without a global gradient there is no global-norm clipping; the norm is still measured (the sum
-    of squares accumulated in the hooks): pop_grad_norm()."""
+    of squares accumulated in the hooks): pop_grad_norm(). before_step, when given, is called by
+    each hook before it reads the gradient (grad_copy_wait)."""
 
-    def __init__(self, param_groups: list[dict], make_optimizer):
+    def __init__(self, param_groups: list[dict], make_optimizer, before_step=None):
         self.optimizers = [make_optimizer([dict(g, params=[p])]) for g in param_groups for p in g["params"]]
+        self.before_step = before_step
         super().__init__([opt.param_groups[0] for opt in self.optimizers], {})
         self._link()
         first = self.optimizers[0].param_groups[0]["params"][0]
@@ -238,6 +262,8 @@ class OptimizerInBackward(torch.optim.Optimizer):
 
     def _hook(self, opt):
         def step_and_free(p: torch.Tensor) -> None:
+            if self.before_step is not None:
+                self.before_step()
             sq = torch.linalg.vector_norm(_local(p.grad), dtype=torch.float32).square()
             self._grad_sq = sq if self._grad_sq is None else self._grad_sq + sq
             opt.step()

@@ -66,7 +66,8 @@ def build_model(cfg: Config, model_dir: Path, proc: Process) -> Transformer:
     parallelize(model, cfg, proc)
     with PeakRSSGrowth() as rss:
         # cpu_offload: the shards live in CPU memory (FSDP copies each unit's to the GPU to gather)
-        shard_bytes = load_into_shards(model, model_dir, "cpu" if cfg.train.cpu_offload else proc.device)
+        shard_bytes = load_into_shards(model, model_dir, "cpu" if cfg.train.cpu_offload else proc.device,
+                                       buffers_device=proc.device)
     total = model.config.num_params() * torch.finfo(dtype).bits // 8
     print(f"rank {proc.rank}: loaded its shards of {model_dir}: {shard_bytes / 2**20:,.1f} MiB of "
           f"{total / 2**20:,.1f} MiB; peak resident memory grew {rss.growth_bytes / 2**20:,.1f} MiB", flush=True)
@@ -270,7 +271,7 @@ def fine_tune(cfg: Config, proc: Process, run: Run):
     reduce_scale = grad_scale_for_reduction(proc)
     optimizer, scheduler = build_optimizer(model, cfg, proc.device)
     autocast = autocast_context(cfg, proc.device)
-    offload = ActivationOffload(proc.device) if cfg.train.activation_offload else contextlib.nullcontext()
+    offload = ActivationOffload(proc.device, head=model.norm) if cfg.train.activation_offload else contextlib.nullcontext()
     train_set, accum, pad_id = run.datasets.train, accumulation_steps(cfg, proc.world_size), run.tokenizer.pad_id
     sampler = StepSampler(len(train_set), cfg.train.global_batch_size, cfg.run.seed)
     # per example, once: the step's global counts are then a sum of global-batch-size lookups

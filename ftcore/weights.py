@@ -180,11 +180,14 @@ def _owned_rows(param) -> tuple[int, int]:
     return first, max(0, min(rows - first, chunk))
 
 
-def load_into_shards(model: Transformer, path, device) -> int:
+def load_into_shards(model: Transformer, path, device, buffers_device=None) -> int:
     """Fill the shards of a model built on the meta device and sharded with fully_shard, from the
     checkpoint in `path` (safetensors or GGUF), converting to the parameters' dtype on the way.
-    Returns the bytes this rank holds. Errors (a missing, unexpected, misshapen or unreadable
-    tensor) are the same one line on every rank, found before any collective."""
+    The shards live on `device`, the buffers (RoPE's inv_freq) on `buffers_device` (default: the
+    same): with FSDP's CPU offload the shards stay on the CPU while the forward runs on the GPU,
+    and FSDP moves only the parameters there. Returns the bytes this rank holds. Errors (a missing,
+    unexpected, misshapen or unreadable tensor) are the same one line on every rank, found before
+    any collective."""
     from torch.distributed.tensor import DTensor
     path, device = Path(path), torch.device(device)
     cfg = model.config
@@ -199,7 +202,7 @@ def load_into_shards(model: Transformer, path, device) -> int:
         if rows:
             with torch.no_grad():
                 local.copy_(read(first, rows).view(local.shape))
-    model.reset_buffers(device)
+    model.reset_buffers(buffers_device or device)
     return sum((p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size() for p in expected.values())
 
 

@@ -1,13 +1,18 @@
 """bench/bench_step.py end to end on a CPU: the tiny shape, a few rows each in its own process, the
-table printed last, results.json, the sweep, a failing row reported instead of fatal."""
+table printed last, results.json, the sweep, a failing row reported instead of fatal, a command
+stopped by SIGTERM keeping its rows."""
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -76,6 +81,25 @@ def test_a_failing_row_is_reported_not_fatal(tmp_path):
     table = bench_step.fmt_table(results).splitlines()
     assert table[-1].startswith("| broken |") and "failed" in table[-1]
     assert table[-1].count("|") == table[-3].count("|")
+
+
+def test_a_command_stopped_by_sigterm_keeps_its_rows(tmp_path):
+    """bench/gpu_check.sh ends a part that outruns its cap with SIGTERM: bench_step then still
+    writes every row, the one running marked cut, the ones not reached skipped."""
+    p = subprocess.Popen([sys.executable, "bench/bench_step.py", "--smoke", "--rows", "baseline,bf16", "--no-plots",
+                          "--out", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "results.json").exists() and time.monotonic() < deadline:  # the plan: rows start next
+        time.sleep(0.1)
+    p.send_signal(signal.SIGTERM)  # a row's process takes seconds to start: the first row is running
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [(r["name"], r["status"]) for r in rows] == [("baseline", "cut"), ("bf16", "skipped")]
+    assert all(r["torch"] == torch.__version__ for r in rows)
+    md = (tmp_path / "results.md").read_text()
+    assert "| baseline |" in md and "| cut: the command was stopped" in md and "| bf16 | pure bf16" in md
+    assert out.rstrip().splitlines()[-1].startswith("| bf16 |")  # the table, last on stdout as ever
 
 
 def test_estimate_only_for_a_shape_that_does_not_fit(tmp_path, capsys):

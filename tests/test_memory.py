@@ -246,3 +246,16 @@ def test_compiled_blocks_and_loss_fp32():
     est = _estimate(cfg, "fp32", "none", "compile", compile=True)
     assert _close(mem.live_at["forward"], est["saved_for_backward"])
     assert abs(est["peak_bytes"] / (base + mem.peak) - 1) < 0.01, (est["peak_phase"], base + mem.peak, est["peak_bytes"])
+
+
+def test_saved_tensors_with_kv_heads_expanded(monkeypatch):
+    """fp32 on CUDA expands grouped K/V heads for SDPA (model.expand_kv_for_sdpa), which then saves
+    them expanded: forced on the CPU, the bytes autograd saves against the CUDA estimate."""
+    import ftcore.model as fm
+    monkeypatch.setattr(fm, "expand_kv_for_sdpa", lambda *a: True)
+    cfg, model, opt, ids, labels = _setup("fp32", "none", "chunked")
+    with saved_tensor_bytes(exclude=[*model.parameters(), ids, labels]) as saved:
+        model(ids, labels=labels)
+    est = estimate_peak_bytes(cfg, micro_batch_size=B, seq_len=T, precision="fp32", loss="chunked",
+                              labelled_fraction=(T - PROMPT) / T, device_type="cuda")
+    assert _close(saved["bytes"], est["saved_for_backward"]), (saved["bytes"], est["saved_for_backward"])

@@ -84,6 +84,27 @@ def test_optimizer_in_backward_frees_gradients(tiny):
     assert opt.pop_grad_norm() > 0
 
 
+@pytest.mark.parametrize("version,waits", [("2.11.0+cu128", True), ("2.12.1", True), ("2.13.0", False)])
+def test_optimizer_in_backward_waits_for_offloaded_gradients_before_the_torch_fix(tiny, monkeypatch, version, waits):
+    """FSDP2 CPU offload + optimizer in backward on a torch without pytorch/pytorch#180666: each hook
+    waits for the device before it reads its gradient (whose copy to pinned memory may be in
+    flight). On the CPU with a fake CUDA device: the wait is recorded, nothing is allocated there."""
+    from ftcore.optim import build_optimizer
+    monkeypatch.setattr(torch, "__version__", version)
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("wait"))
+    cfg = load_config(None, overrides(tiny, Path("unused"), train=dict(optimizer_in_backward="true", cpu_offload="true")))
+    model = Transformer.from_pretrained(tiny / "base")
+    opt, _ = build_optimizer(model, cfg, torch.device("cuda"))
+    for o in opt.optimizers:
+        step = o.step
+        o.step = lambda step=step: (events.append("step"), step())
+    ids = torch.randint(0, 100, (2, 16))
+    model(ids, labels=ids)[0].backward()
+    n = len(list(model.parameters()))
+    assert events == (["wait", "step"] * n if waits else ["step"] * n)
+
+
 @pytest.mark.parametrize("kw", [
     {},
     dict(train=dict(precision="bf16", optimizer_state_dtype="bfloat16", stochastic_rounding="true")),
@@ -276,33 +297,92 @@ def test_stochastic_rounding_run_is_reproducible(tiny, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # activation offloading: the hooks' bookkeeping on CPU (torch.cpu's streams are no-ops)
 
+def _tiny_for_offload(loss="torch"):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
+                                    num_heads=4, num_kv_heads=2), loss=loss)
+    model.init_weights(seed=0)
+    return model, torch.randint(0, 97, (2, 24))
+
+
 @pytest.mark.parametrize("ac", ["none", "full"])
 @pytest.mark.parametrize("inflight,prefetch", [(1 << 30, 1 << 30), (1, 1), (1 << 14, 1 << 15)])
 def test_offload_hooks_same_gradients(inflight, prefetch, ac):
     from ftcore.offload import ActivationOffload
     from ftcore.parallel import apply_activation_checkpointing
 
-    def grads(offload):
-        torch.manual_seed(0)
-        model = Transformer(ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
-                                        num_heads=4, num_kv_heads=2))
-        model.init_weights(seed=0)
+    def grads(offload: bool):
+        model, ids = _tiny_for_offload()
         apply_activation_checkpointing(model, ac)
-        ids = torch.randint(0, 97, (2, 24))
+        off = ActivationOffload(torch.device("cpu"), head=model.norm, min_bytes=0, max_inflight_bytes=inflight,
+                                prefetch_bytes=prefetch) if offload else contextlib.nullcontext()
         for _ in range(2):  # twice: the second forward/backward reuses the hooks' state
             model.zero_grad()
-            with offload:
+            with off:
                 loss, _ = model(ids, labels=ids)
             loss.backward()
-        return loss, [p.grad for p in model.parameters()]
+        return loss, [p.grad for p in model.parameters()], off
 
-    off = ActivationOffload(torch.device("cpu"), min_bytes=0, max_inflight_bytes=inflight, prefetch_bytes=prefetch)
-    ref_loss, ref = grads(contextlib.nullcontext())
-    loss, got = grads(off)
+    ref_loss, ref, _ = grads(False)
+    loss, got, off = grads(True)
     assert torch.equal(loss, ref_loss) and all(torch.equal(a, b) for a, b in zip(got, ref))
     assert off.offloaded_bytes > 0
     # every saved tensor came back, nothing is left behind
     assert not off.inflight and off.inflight_bytes == 0 and not off.ready and off.ready_bytes == 0
+
+
+def _block_activation_bytes(model, ids, autocast: bool) -> int:
+    """What the embedding and the blocks save, counted independently of ActivationOffload: unique
+    storages (memory.saved_tensor_bytes), less autocast's bf16 copy of each block weight."""
+    from ftcore.memory import saved_tensor_bytes
+    from ftcore.model import AttnMask
+    freqs = torch.arange(ids.shape[1]).expand(ids.shape)[..., None].float() * model.inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    cos, sin = emb.cos(), emb.sin()
+    with saved_tensor_bytes(exclude=list(model.parameters())) as saved, \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        x = model.embed(ids)
+        for layer in model.layers:
+            x = layer(x, cos, sin, AttnMask("causal"))
+    casts = sum(p.numel() * 2 for p in model.layers.parameters() if p.ndim == 2) if autocast else 0
+    return saved["bytes"] - casts
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
+def test_offload_moves_each_activation_once_and_nothing_of_the_head(precision):
+    """What moves is what saves memory, once: activations (not weights, not autocast's casts of
+    them), each tensor once however many nodes save it (q, k, v share their input), and nothing of
+    the head (final norm, loss): the same bytes whether the loss keeps full logits or the fused
+    loss's precomputed gradients."""
+    from ftcore.offload import ActivationOffload
+    autocast = precision == "bf16-autocast"
+    moved = {}
+    for loss in ("torch", "chunked"):
+        model, ids = _tiny_for_offload(loss)
+        off = ActivationOffload(torch.device("cpu"), head=model.norm, min_bytes=0)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), off:
+            loss_sum, _ = model(ids, labels=ids)
+        loss_sum.backward()
+        moved[loss] = off.offloaded_bytes
+    activations = _block_activation_bytes(model, ids, autocast)
+    assert moved["torch"] == moved["chunked"], moved  # 0 bytes of either loss
+    assert moved["torch"] == activations, (moved, activations)  # every activation, once
+
+
+def test_offload_takes_tensors_on_a_bare_cuda_device(monkeypatch):
+    """ActivationOffload(torch.device("cuda")) as the bench passes it: tensors live on cuda:0, which
+    never equals a bare "cuda"; they must be offloaded all the same (a fake CUDA tensor, torch.cpu's
+    no-op streams)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from ftcore.offload import ActivationOffload
+    monkeypatch.setattr(torch, "get_device_module", lambda device=None: torch.cpu)
+    off = ActivationOffload(torch.device("cuda"), min_bytes=0)
+    with FakeTensorMode():
+        t = torch.empty(64, 64, device="cuda")
+        assert t.device == torch.device("cuda", 0)
+        with off:
+            packed = off._pack(t)
+    assert packed is not t and off.offloaded_bytes == 64 * 64 * 4
 
 
 def test_offload_skips_parameters_and_small_tensors():
@@ -343,6 +423,20 @@ def test_invalid_combinations_refused_before_writing(tiny, tmp_path, kw, words):
         run(tiny, tmp_path / "x", **kw)
     assert words in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "x").exists()
+
+
+def test_cpu_offload_loads_shards_on_the_cpu_and_buffers_where_the_forward_runs(tiny, tmp_path, monkeypatch):
+    """train.cpu_offload: the shards are loaded into CPU memory, but RoPE's inv_freq must be where
+    the forward runs (FSDP moves only what fully_shard saw, and that was still on the meta device).
+    The meta device stands in for the GPU here: nothing is allocated on it."""
+    from ftcore import train as train_mod
+    from ftcore.parallel import Process
+    monkeypatch.setattr(train_mod, "parallelize", lambda model, cfg, proc: model)  # FSDP needs the real device
+    cfg = load_config(None, overrides(tiny, tmp_path, train=dict(fsdp="on", cpu_offload="true")))
+    gpu_stand_in = torch.device("meta")
+    model = train_mod.build_model(cfg, tiny / "base", Process(device=gpu_stand_in))
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    assert model.inv_freq.device == gpu_stand_in
 
 
 def test_stochastic_rounding_allowed_with_bf16_states_only(tiny, tmp_path):
@@ -390,7 +484,7 @@ def test_gpu_activation_offload_same_grads_less_memory(ac):
     ref_loss, ref_peak = _step_peak(model, ids)
     ref = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
-    off = ActivationOffload(dev, max_inflight_bytes=256 << 20, prefetch_bytes=256 << 20)
+    off = ActivationOffload(dev, head=model.norm, max_inflight_bytes=256 << 20, prefetch_bytes=256 << 20)
     _step_peak(model, ids, off)  # warm the pinned-memory cache
     model.zero_grad(set_to_none=True)
     loss, peak = _step_peak(model, ids, off)
@@ -399,9 +493,9 @@ def test_gpu_activation_offload_same_grads_less_memory(ac):
     assert all((a.float() - b.float()).norm() <= 1e-2 * b.float().norm() for a, b in zip(got, ref))  # SDPA bwd is not bitwise deterministic
     assert off.offloaded_bytes > 0 and not off.inflight and not off.ready
     mib = dict(peak=peak / 2**20, ref_peak=ref_peak / 2**20, offloaded=off.offloaded_bytes / 2**20)
-    if ac == "none":  # ~1.5 GiB offloaded (blocks and loss); at most 256 MiB each way in flight
+    if ac == "none":  # ~1 GiB of block activations offloaded; at most 256 MiB each way in flight
         assert peak < ref_peak - off.offloaded_bytes / 3, mib
-    else:  # AC keeps block inputs itself: only what is saved outside the blocks moves, and nothing grows
+    else:  # AC keeps only the block inputs, and those move: a little less, never more
         assert peak <= 1.02 * ref_peak, mib
 
 
@@ -423,26 +517,58 @@ def test_gpu_optimizer_in_backward_less_memory():
     assert peaks["in_backward"] < peaks["plain"] - 0.5 * n_bytes, peaks
 
 
-def _gpu_run(tiny, tmp_path, name, **kw):
-    return run(tiny, tmp_path / name, train=dict(device="cuda", loss="torch"), **kw)
+GPU_SWITCHES = {
+    "offload": dict(train=dict(activation_offload="true")),
+    "offload-ac-mixed": dict(train=dict(activation_offload="true", activation_checkpointing="full", precision="bf16-mixed")),
+    "inbwd-fsdp": dict(train=dict(optimizer_in_backward="true", fsdp="on")),
+    "cpu-offload": dict(train=dict(cpu_offload="true")),
+    "cpu-offload-inbwd-mixed": dict(train=dict(cpu_offload="true", optimizer_in_backward="true", precision="bf16-mixed")),
+}
+
+
+def _switch_reference(case: dict) -> dict:
+    """The run a switch is compared with: the case's precision and checkpointing, and FSDP where the
+    case has it (CPU offload is FSDP's), so that only the switch differs."""
+    t = case["train"]
+    ref = {k: v for k, v in t.items() if k in ("precision", "activation_checkpointing")}
+    if "cpu_offload" in t or "fsdp" in t:
+        ref["fsdp"] = "on"
+    return {"train": ref}
 
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("kw", [
-    dict(train=dict(activation_offload="true")),
-    dict(train=dict(activation_offload="true", activation_checkpointing="full", precision="bf16-mixed")),
-    dict(train=dict(optimizer_in_backward="true", fsdp="on")),
-    dict(train=dict(cpu_offload="true")),
-    dict(train=dict(cpu_offload="true", optimizer_in_backward="true", precision="bf16-mixed")),
-], ids=["offload", "offload-ac-mixed", "inbwd-fsdp", "cpu-offload", "cpu-offload-inbwd-mixed"])
-def test_gpu_switches_same_losses(tiny, tmp_path, kw):
-    ref_kw = {k: v for k, v in kw.items() if k in ("train__precision", "train__activation_checkpointing")}
-    if "train__cpu_offload" in kw or "train__fsdp" in kw:
-        ref_kw["train__fsdp"] = "on"
-    ref = losses(_gpu_run(tiny, tmp_path, "ref", **ref_kw))
-    got = losses(_gpu_run(tiny, tmp_path, "got", **kw))
+@pytest.mark.parametrize("name", list(GPU_SWITCHES))
+def test_gpu_switches_same_losses(tiny, tmp_path, name):
+    on_gpu = {"train": dict(device="cuda", loss="torch")}
+    case = GPU_SWITCHES[name]
+    ref = losses(run(tiny, tmp_path / "ref", on_gpu, _switch_reference(case)))
+    got = losses(run(tiny, tmp_path / "got", on_gpu, case))
     assert got == pytest.approx(ref, rel=1e-4), (ref, got)
+
+
+def test_gpu_switch_runs_are_configured_as_meant(tiny, tmp_path, monkeypatch):
+    """The GPU test's plumbing on the CPU (its runs recorded, not run): both runs on CUDA, the
+    reference with the case's precision, checkpointing and FSDP, the other with the switch too."""
+    import sys
+    configs = []
+
+    def record(setup, run_dir, *more, **kw):
+        configs.append(dict(v.split("=", 1) for v in overrides(setup, run_dir, *more, **kw)))
+        return [{"loss": 1.0}]
+
+    monkeypatch.setattr(sys.modules[__name__], "run", record)
+    for name, case in GPU_SWITCHES.items():
+        configs.clear()
+        test_gpu_switches_same_losses(tiny, tmp_path, name)
+        ref, got = configs
+        assert ref["train.device"] == got["train.device"] == "cuda"
+        for key, value in case["train"].items():
+            assert got[f"train.{key}"] == value
+            if key in ("precision", "activation_checkpointing"):
+                assert ref[f"train.{key}"] == value, (name, key)
+        assert ref.get("train.fsdp") == ("on" if {"cpu_offload", "fsdp"} & set(case["train"]) else None), name
+        assert not {"activation_offload", "cpu_offload", "optimizer_in_backward"} & {k[6:] for k in ref}, name
 
 
 @gpu

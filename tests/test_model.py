@@ -13,7 +13,7 @@ from ftcore.hf import config_from_hf, read_config
 from ftcore.model import ModelConfig, ModelConfigError, Transformer, document_mask
 from ftcore.weights import ours_to_hf
 
-from helpers import hf_grads_by_our_name, make_hf_checkpoint, needs_transformers, rel_err, tiny_model
+from helpers import gpu, hf_grads_by_our_name, make_hf_checkpoint, needs_cuda, needs_transformers, rel_err, tiny_model
 
 TOL = 1e-5
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -357,3 +357,66 @@ def test_num_params_is_the_models_parameter_count(kw):
     with torch.device("meta"):
         model = Transformer(cfg)
     assert cfg.num_params() == sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------------
+# grouped K/V heads and SDPA's kernels
+
+@pytest.mark.parametrize("dtype,kind,q_len,expanded", [
+    (torch.float32, "causal", 64, True),     # flash needs fp16/bf16: the math kernel would materialise T x T
+    (torch.bfloat16, "causal", 64, False),   # flash takes grouped heads itself
+    (torch.bfloat16, "dense", 64, True),     # a mask: the math kernel again
+    (torch.float32, "dense", 1, False),      # decoding one token: scores (B, H, 1, T), no bigger than K
+])
+def test_cuda_sdpa_gets_grouped_heads_only_where_an_efficient_kernel_takes_them(monkeypatch, dtype, kind, q_len, expanded):
+    """On CUDA, what the model hands SDPA (fake CUDA tensors; SDPA itself replaced by a recorder):
+    K and V expanded to every query head wherever enable_gqa would leave only the math kernel."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    seen = {}
+
+    def sdpa(q, k, v, **kw):
+        seen.update(k_heads=k.shape[1], v_heads=v.shape[1], enable_gqa=kw.get("enable_gqa", False))
+        return torch.empty_like(q)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
+    with FakeTensorMode():
+        q = torch.empty(2, 8, q_len, 16, dtype=dtype, device="cuda")
+        k, v = (torch.empty(2, 2, 64, 16, dtype=dtype, device="cuda") for _ in range(2))
+        mask = fm.AttnMask("causal") if kind == "causal" else \
+            fm.AttnMask("dense", dense=torch.ones(2, 1, q_len, 64, dtype=torch.bool, device="cuda"))
+        mask.attend(q, k, v)
+    assert seen == (dict(k_heads=8, v_heads=8, enable_gqa=False) if expanded else
+                    dict(k_heads=2, v_heads=2, enable_gqa=True))
+
+
+def test_expanded_kv_heads_give_the_same_model(monkeypatch):
+    """The expanded path is the same attention: logits and gradients of a GQA model with K/V
+    expanded (forced here on the CPU) against float64, no further off than SDPA's own grouped path."""
+    ids = torch.randint(0, 131, (2, 33), generator=torch.Generator().manual_seed(0))
+
+    def run(dtype, expand):
+        monkeypatch.setattr(fm, "expand_kv_for_sdpa", lambda *a: expand)
+        model = tiny_model(seed=3).to(dtype)
+        loss, _ = model(ids, labels=ids)
+        loss.backward()
+        return [loss.detach()] + [p.grad for p in model.parameters()]
+
+    ref, grouped, expanded = run(torch.float64, False), run(torch.float32, False), run(torch.float32, True)
+    eps = torch.finfo(torch.float32).eps
+    for r, g, e in zip(ref, grouped, expanded):
+        assert rel_err(e, r) <= rel_err(g, r) + 8 * eps, (rel_err(e, r), rel_err(g, r))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_gqa_attention_never_needs_the_math_kernel(dtype):
+    """With SDPA's math kernel (which materialises B x H x T x T per layer) taken away, a GQA model
+    still trains: fp32 through expanded K/V and the memory-efficient kernel, bf16 through flash."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    model = tiny_model(seed=3).to("cuda", dtype).train()
+    ids = torch.randint(0, 131, (2, 256), device="cuda")
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        loss, _ = model(ids, labels=ids)
+        loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())

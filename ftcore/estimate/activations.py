@@ -19,7 +19,9 @@ from ftcore.estimate.shapes import Dtypes, Shape
 #             copy, see weight copies). RoPE's muls save cos/sin only (shared by all layers).
 #   SDPA      (flash on CUDA, flash-for-CPU; no T x T matrix) saves q and k after RoPE, v, the
 #             output and the logsumexp (B, nh, T) fp32. Under autocast RoPE's output is fp32
-#             (bf16 q times fp32 cos) and SDPA saves its own bf16 casts of q and k.
+#             (bf16 q times fp32 cos) and SDPA saves its own bf16 casts of q and k. In fp32 on
+#             CUDA grouped k and v are expanded to every query head first (memory-efficient
+#             kernel), and SDPA saves them expanded.
 #   o         its input is SDPA's output (same storage: the output is laid out (B,T,nh,hd)).
 #   residual  adds save nothing; the sum is saved as the next norm's input.
 #   SwiGLU    gate output (silu saves its input), silu output and up output (the product saves
@@ -40,6 +42,9 @@ def norm_saved(s: Shape, dt: Dtypes, consumers: int) -> dict[str, int]:
 
 def _attn_saved(s: Shape, dt: Dtypes) -> dict[str, int]:
     n, c = s.n, dt.compute
+    if s.kv_expanded:  # SDPA saves k and v as expanded to every query head (fp32 on CUDA)
+        return {"q, k after rope (k expanded)": c * n * 2 * s.qd, "v (expanded)": c * n * s.qd,
+                "attention output": c * n * s.qd, "logsumexp": 4 * s.B * s.nh * s.T}
     if s.attn_fp32:  # SDPA saves its fp32 copies and fp32 output; o saves the bf16 cast of that
         return {"q, k after rope (fp32)": 4 * n * (s.qd + s.kvd), "v (fp32)": 4 * n * s.kvd,
                 "attention output (fp32)": 4 * n * s.qd, "o input (bf16 cast)": c * n * s.qd,

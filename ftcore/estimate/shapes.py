@@ -58,6 +58,7 @@ class Shape:
     block_params: int  # ModelConfig.block_params: weights, biases and the two norms of one block
     total_params: int  # ModelConfig.num_params
     attn_fp32: bool = False  # bf16 attention computed in fp32 (CPU, small heads: model.Attention)
+    kv_expanded: bool = False  # K and V expanded to every query head for SDPA (model.expand_kv_for_sdpa)
 
     @classmethod
     def of(cls, cfg, micro_batch_size: int, seq_len: int) -> "Shape":

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from ftcore.estimate import activations as act
 from ftcore.estimate.shapes import Dtypes, Shape, precision_dtypes, shard
-from ftcore.model import CPU_BF16_ATTENTION_MIN_HEAD_DIM
+from ftcore.model import CPU_BF16_ATTENTION_MIN_HEAD_DIM, expand_kv_for_sdpa
 
 AC_MODES = ("none", "full", "selective")
 
@@ -166,7 +168,8 @@ def estimate_peak_bytes(model_cfg, *, micro_batch_size: int, seq_len: int, preci
     optimizer_state_bytes: bytes per element of exp_avg/exp_avg_sq (default: the parameters',
     as torch's AdamW); optimizer_temp_bytes: the optimizer step's temporaries, when known.
     device_type: "cpu" runs bf16 attention of small heads in fp32 (model.CPU_BF16_ATTENTION_MIN_HEAD_DIM;
-    not modelled for compiled blocks).
+    not modelled for compiled blocks); "cuda" expands grouped K/V heads for fp32 attention
+    (model.expand_kv_for_sdpa), which SDPA then saves at the query heads' width.
 
     Returns {"peak_bytes", "peak_phase", "phases": {phase: bytes}, "breakdown": {component: bytes
     at the peak}, "per_layer": {activation item: bytes}, "notes": [...]}."""
@@ -177,6 +180,9 @@ def estimate_peak_bytes(model_cfg, *, micro_batch_size: int, seq_len: int, preci
     s = Shape.of(model_cfg, micro_batch_size, seq_len)
     if device_type == "cpu" and dt.compute == 2 and s.hd < CPU_BF16_ATTENTION_MIN_HEAD_DIM:
         s = dataclasses.replace(s, attn_fp32=True)
+    compute_dtype = torch.float32 if dt.compute == 4 else torch.bfloat16
+    if s.nkv < s.nh and expand_kv_for_sdpa(device_type, compute_dtype, masked=False, q_len=seq_len):
+        s = dataclasses.replace(s, kv_expanded=True)
     ac = activation_checkpointing
     world = world_size if fsdp else 1
     n_labelled = int(round(labelled_fraction * s.n))
