@@ -42,7 +42,6 @@ CHAT_FORMATS = {
                " + '<|eot_id|>' }}{% endfor %}"
                "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"),
 }
-TRAIN_ON = ("all_assistant", "last_assistant")
 
 _ROLES = {"system": "system", "user": "user", "assistant": "assistant",
           "human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
@@ -190,8 +189,7 @@ def _special_tokens(tokenizer, own: bool) -> dict[str, str]:
 
 def template_text(data_cfg, tokenizer) -> tuple[str, str] | None:
     """(template, where it comes from) of data.chat_template (a .jinja file or the template itself),
-    else of the tokenizer's chat_template; None when there is none. A list of named templates
-    (tokenizer_config.json's form for several) gives its "default", as transformers does."""
+    else of the tokenizer's chat_template; None when there is none."""
     if data_cfg.chat_template:
         value = data_cfg.chat_template
         if "{{" in value or "{%" in value:  # the template itself, not a file's name
@@ -205,7 +203,9 @@ def template_text(data_cfg, tokenizer) -> tuple[str, str] | None:
 
 
 def model_template_text(tokenizer) -> tuple[str, str] | None:
-    """(template, where it comes from) of the tokenizer's own chat_template, None without one."""
+    """(template, where it comes from) of the tokenizer's own chat_template, None without one. Of
+    several named templates (a list in tokenizer_config.json, or files), the "default", as
+    transformers takes it without tools."""
     if tokenizer is None:
         return None
     text, where = tokenizer.config.get("chat_template"), tokenizer.chat_template_source or "the tokenizer"
@@ -222,7 +222,7 @@ def set_chat_template(tokenizer, data_cfg) -> None:
     """data.chat_template, when set, becomes the tokenizer's own: the one a run's final/ (and its
     GGUF file) carries, so the fine-tuned model is asked as it was trained."""
     if found := template_text(data_cfg, None):
-        tokenizer.config["chat_template"], tokenizer.chat_template_source = found[0], found[1]
+        tokenizer.config["chat_template"] = found[0]
 
 
 def check_chat_template(data_cfg) -> None:
