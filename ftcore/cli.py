@@ -1,4 +1,4 @@
-"""`ftcore train|eval|generate|export|import-gguf|bench|plot`.
+"""`ftcore train|eval|preview|generate|export|import-gguf|bench|plot`.
 
 A user mistake (bad config, bad data, a checkpoint that does not match) ends with one line on
 stderr and exit code 2, not a traceback.
@@ -44,12 +44,23 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_preview(args) -> int:
+    from ftcore.config import ConfigError, load_config
+    from ftcore.preview import preview
+    if args.n < 1:
+        raise ConfigError(f"--n must be >= 1, got {args.n}")
+    preview(load_config(args.config, args.overrides), args.split, args.n, args.json)
+    return 0
+
+
 def cmd_generate(args) -> int:
     """Streams the continuation of args.prompt to stdout; the prompt is used verbatim (apply a
     template yourself if the model was fine-tuned on one)."""
     import torch
 
     from ftcore.config import ConfigError
+    from ftcore.data.chat import end_of_turn_ids
+    from ftcore.data.templates import TemplateError
     from ftcore.generate import TextStream, generate
     from ftcore.model import Transformer
     from ftcore.source import load_tokenizer
@@ -67,6 +78,11 @@ def cmd_generate(args) -> int:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     tok = load_tokenizer(args.model)
+    try:  # a chat-formatted prompt's answer ends with its turn
+        stop = tok.eos_ids + end_of_turn_ids(tok)
+    except TemplateError as e:
+        stop = tok.eos_ids
+        print(f"(decoding stops at eos only: {e})", file=sys.stderr)
     model = Transformer.from_pretrained(args.model, dtype=dtype, device=device).eval()
     prompt = tok.encode(args.prompt, add_bos=True)
     limit = model.config.max_position_embeddings
@@ -83,7 +99,7 @@ def cmd_generate(args) -> int:
         sys.stdout.flush()
 
     sys.stdout.write(args.prompt)
-    generate(model, [prompt], max_new, tok.eos_ids, tok.pad_id,
+    generate(model, [prompt], max_new, stop, tok.pad_id,
              temperature=args.temperature, top_p=args.top_p, seed=args.seed, on_token=on_token)
     sys.stdout.write(stream.finish() + "\n")
     return 0
@@ -140,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="report directory (default: run.dir for two models, "
                    "run.dir/eval-NAME for one, so a run's comparison is never replaced)")
     e.set_defaults(fn=cmd_eval)
+
+    pv = sub.add_parser("preview", help="the first examples of a split as the model sees them, loss-carrying text marked")
+    pv.add_argument("config")
+    pv.add_argument("overrides", nargs="*")
+    pv.add_argument("--split", default="train", choices=["train", "validation", "test"])
+    pv.add_argument("--n", type=int, default=3, help="how many examples (default 3)")
+    pv.add_argument("--json", action="store_true", help="one JSON object per line: text, input_ids, labels (-100: no loss)")
+    pv.set_defaults(fn=cmd_preview)
 
     g = sub.add_parser("generate", help="decode from a prompt, streaming tokens")
     g.add_argument("--model", required=True, help="HF-format checkpoint directory (with tokenizer.json)")

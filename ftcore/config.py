@@ -6,12 +6,16 @@ values of the wrong type are refused with one line that names the key and lists 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
+
+
+DEFAULT_CHAT_DATE = "2024-07-26"  # what Llama 3.1's template writes when it is not told a date
 
 
 class ConfigError(ValueError):
@@ -68,8 +72,11 @@ class DataConfig:
     overlong: str = "truncate"     # truncate | drop (a completion longer than the room left)
     missing_field: str = "skip"    # skip | error (a record lacks a field a template needs)
     batching: str = "pad"          # pad | bucket | pack
-    chat_format: str = "chatml"    # chatml | llama3 (for chat `messages` data, when the model has no chat template)
-    prompt_format: str = "auto"    # auto (the model's chat template if it has one, else plain) | chat | plain
+    chat_format: str = "chatml"    # chatml | llama3: ftcore's own template for `messages` data when the model has none
+    prompt_format: str = "auto"    # auto (the chat template if there is one, else plain) | chat | plain
+    chat_template: str = ""        # a .jinja file, or the template itself, used instead of the model's chat template
+    chat_date: str = DEFAULT_CHAT_DATE  # the day a chat template's strftime_now() gives (Llama 3.x write it)
+    train_on: str = "all_assistant"  # all_assistant | last_assistant: the turns of `messages` data that carry loss
     max_records: int = 0           # 0 = all; else the first N records of the file (before dedupe)
     clean: str = ""                # "" | html (markup in text fields -> plain text: <br />, tags, entities)
     dedupe: list[str] = field(default_factory=list)  # drop records equal to an earlier one on these fields
@@ -168,6 +175,7 @@ CHOICES = {
     "data.batching": ("pad", "bucket", "pack"),
     "data.chat_format": ("chatml", "llama3"),
     "data.prompt_format": ("auto", "chat", "plain"),
+    "data.train_on": ("all_assistant", "last_assistant"),
     "data.clean": ("", "html"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "checkpoint.export_gguf": ("", "f32", "f16", "bf16", "q8_0"),
@@ -322,6 +330,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.split must be three non-negative ratios (train, validation, test), got {data.split}")
     if not 0.0 <= data.balance <= 1.0:
         raise ConfigError(f"data.balance must be between 0 (labels as sampled) and 1 (every class equally often), got {data.balance}")
+    try:
+        datetime.date.fromisoformat(data.chat_date)
+    except ValueError:
+        raise ConfigError(f"data.chat_date must be a date like \"2024-07-26\", got {data.chat_date!r}") from None
     if data.max_completion_tokens >= data.max_seq_len:
         raise ConfigError(f"data.max_completion_tokens={data.max_completion_tokens} must be < data.max_seq_len={data.max_seq_len}")
     if t.max_steps < 0:

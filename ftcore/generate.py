@@ -109,7 +109,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: list
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
              on_token: Callable[[int, int], None] | None = None, start: Prefill | None = None) -> list[list[int]]:
     """Generated ids per prompt (prompt and eos excluded). Each row stops at its first eos id or
-    after max_new_tokens. on_token(row, token_id) is called as tokens are produced (not for eos)."""
+    after max_new_tokens; eos_ids are every id decoding stops at (eos, and for chat prompts the
+    template's end-of-turn tokens, ftcore.data.chat). on_token(row, token_id) is called as tokens
+    are produced (not for eos)."""
     out: list[list[int]] = [[] for _ in prompts]
     stop = set(eos_ids)
     for tokens, _ in decode_steps(model, prompts, max_new_tokens, eos_ids, pad_id, temperature, top_p, seed, start):

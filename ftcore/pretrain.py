@@ -37,16 +37,22 @@ def token_stream(texts: list[str], tok: Tokenizer) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
-def pretrain_base(cfg: Config, out_dir: Path, device: torch.device, inputs: dict) -> Path:
-    """Pretrains into out_dir (published whole), with `inputs` (what it is made from: rundir.inputs_record)
-    recorded in it."""
+def pretrain_tokenizer(cfg: Config) -> tuple[Tokenizer, list[str]]:
+    """The byte-level BPE tokenizer the base is pretrained with, trained on the texts of the
+    training split's records (test reviews never reach the base model), and those texts."""
     from ftcore.data import load_data_records, split_records
     from ftcore.data.reviews import pretraining_texts
 
-    p = cfg.pretrain
     train_records, _, _ = split_records(load_data_records(cfg.data), cfg.data.split, cfg.run.seed)
-    texts = pretraining_texts(train_records)  # test reviews never reach the base model
-    tok = Tokenizer.train_bpe(texts, p.vocab_size)
+    texts = pretraining_texts(train_records)
+    return Tokenizer.train_bpe(texts, cfg.pretrain.vocab_size), texts
+
+
+def pretrain_base(cfg: Config, out_dir: Path, device: torch.device, inputs: dict) -> Path:
+    """Pretrains into out_dir (published whole), with `inputs` (what it is made from: rundir.inputs_record)
+    recorded in it."""
+    p = cfg.pretrain
+    tok, texts = pretrain_tokenizer(cfg)
     stream = token_stream(texts, tok)
     print(f"pretraining a base model: {len(texts)} texts, {len(stream):,} tokens, vocab {tok.vocab_size}", flush=True)
 

@@ -62,6 +62,7 @@ class Tokenizer:
                  config: dict | None = None):
         self.tok = tok
         self.config = dict(config or {})  # the tokenizer_config.json we were loaded from, kept on save
+        self.chat_template_source = ""  # the file config["chat_template"] came from, for messages about it
         self.bos_id = self._id_of(bos_token, "bos_token")
         eos_id = self._id_of(eos_token, "eos_token")
         ids = ([eos_id] if eos_id is not None else []) + [int(i) for i in extra_eos_ids]
@@ -102,8 +103,14 @@ class Tokenizer:
         except Exception as e:  # the Rust error is one line already
             raise TokenizerError(f"{tj}: cannot load: {e}") from None
         config = _read_json(path / "tokenizer_config.json")
-        if "chat_template" not in config and (path / "chat_template.jinja").is_file():  # transformers >= 4.43 saves it apart
-            config["chat_template"] = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        template_source = path / "tokenizer_config.json"
+        # transformers >= 4.43 saves chat templates apart, and reads those files before the config's entry
+        files = {"default": path / "chat_template.jinja"} if (path / "chat_template.jinja").is_file() else {}
+        files.update({f.stem: f for f in sorted((path / "additional_chat_templates").glob("*.jinja"))})
+        if files:
+            templates = {name: f.read_text(encoding="utf-8") for name, f in files.items()}
+            config["chat_template"] = templates["default"] if list(templates) == ["default"] else templates
+            template_source = files["default"] if len(files) == 1 and "default" in files else path
         special = _read_json(path / "special_tokens_map.json")
         gen = _read_json(path / "generation_config.json")
 
@@ -120,8 +127,9 @@ class Tokenizer:
         eos = token("eos_token") or token_of_id("eos_token_id")
         pad = token("pad_token") or token_of_id("pad_token_id")
         add_bos = config.get("add_bos_token") if isinstance(config.get("add_bos_token"), bool) else None
-        return cls(tok, bos, eos, pad, extra_eos_ids=_id_list(gen.get("eos_token_id")),
-                   add_bos=add_bos, config=config)
+        out = cls(tok, bos, eos, pad, extra_eos_ids=_id_list(gen.get("eos_token_id")), add_bos=add_bos, config=config)
+        out.chat_template_source = str(template_source)
+        return out
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes tokenizer.json, tokenizer_config.json and special_tokens_map.json, loadable by
@@ -172,6 +180,16 @@ class Tokenizer:
         if not texts:
             return []
         return [e.ids for e in self.tok.encode_batch_fast(list(texts), add_special_tokens=add_special_tokens)]
+
+    def encode_with_offsets(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """(ids, character span of each token) per text, without special tokens added."""
+        return [(e.ids, e.offsets) for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    @property
+    def added_tokens(self) -> dict[str, int]:
+        """{text: id} of the tokens added to the vocabulary (special and control tokens), which the
+        tokenizer never splits."""
+        return {t.content: i for i, t in self.tok.get_added_tokens_decoder().items()}
 
     def with_bos(self, ids: list[int]) -> list[int]:
         """BOS once: added when this tokenizer uses one and `ids` does not start with it already."""

@@ -17,7 +17,8 @@ import torch
 
 from ftcore import checkpoint as ckpt
 from ftcore.config import Config, ConfigError, accumulation_steps, check_kernels, to_toml
-from ftcore.data import Datasets, Example, StepSampler, collate, format_stats, micro_batches, prepare_datasets
+from ftcore.data import (Datasets, Example, StepSampler, check_chat_template, collate, format_stats, micro_batches,
+                         prepare_datasets, set_chat_template)
 from ftcore.export import export_hf
 from ftcore.files import write_atomic
 from ftcore.hardware import MatmulShape, keep_freed_memory, resolve_auto
@@ -213,10 +214,12 @@ def set_up(cfg: Config, proc: Process) -> Run:
     if resume_from is not None:
         check_resume_config(run_dir, cfg, say)
 
+    check_chat_template(cfg.data)  # before a base model is pretrained
     t_start = time.perf_counter()
     base_dir = prepare_base(cfg, run_dir, proc, base_inputs, base_cached)
     pretrain_s = time.perf_counter() - t_start
     tokenizer = load_tokenizer(base_dir)
+    set_chat_template(tokenizer, cfg.data)  # data.chat_template: final/ carries the template trained on
     datasets = prepare_datasets(cfg.data, tokenizer, seed=cfg.run.seed, train_cfg=cfg.train)
     check_splits(cfg, datasets)
     # "auto" becomes this machine's choice for this model, once; config.toml records the choice.

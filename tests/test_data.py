@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ftcore.config import Config, DataConfig, SyntheticConfig, TrainConfig
-from ftcore.data import IGNORE_INDEX, DataError, Datasets, Example, Rendered, StepSampler, collate, \
+from ftcore.data import IGNORE_INDEX, DataError, Datasets, Example, Rendered, StepSampler, chat_template, collate, \
     format_stats, heldout_examples, load_records, micro_batches, pack_rows, prepare_datasets, \
     render_records, split_records, tokenize_examples
 from ftcore.data.reviews import generate_reviews, pretraining_texts
@@ -226,50 +226,80 @@ CHAT = {"id": "c1", "messages": [
 ]}
 
 
-@pytest.mark.parametrize("fmt, end, eos_in_chat", [("chatml", "<|im_end|>", False), ("llama3", "<|eot_id|>", True)])
-def test_chat_loss_on_every_assistant_turn_only(tok, fmt, end, eos_in_chat):
-    if eos_in_chat:  # an instruct tokenizer whose eos ids include the turn-end token: no extra eos
-        tok = Tokenizer(tok.tok, "<|begin_of_text|>", "<|eot_id|>", "<|pad|>", extra_eos_ids=[1])
-    (r,) = render_records([CHAT], [], chat_format=fmt)
+@pytest.mark.parametrize("fmt, end", [("chatml", "<|im_end|>"), ("llama3", "<|eot_id|>")])
+@pytest.mark.parametrize("eos_is_end", [False, True])
+def test_chat_loss_on_every_assistant_turn_only(tok, fmt, end, eos_is_end):
+    """A model with no chat template: ftcore's own (data.chat_format). Loss on each assistant's
+    content and its end-of-turn token, and nowhere else: no eos after it, whether or not the
+    tokenizer's eos is that token (the template's turns end with it)."""
+    if eos_is_end:  # an instruct tokenizer whose eos is the turn-end token
+        tok = Tokenizer(tok.tok, "<|begin_of_text|>", end, "<|pad|>", extra_eos_ids=[1])
+    chat = chat_template(DataConfig(chat_format=fmt), tok, messages=True)
+    (r,) = render_records([CHAT], [], messages_chat=chat)
     assert r.template == "chat" and r.completion == "Four, I think."
     assert "trailing question" not in "".join(t for t, _ in r.segments)
     (e,) = tokenize_examples([r], tok)
     assert e.input_ids.count(tok.bos_id) == 1 and e.input_ids[0] == tok.bos_id
-    trained = [i for i, x in enumerate(e.labels) if x != IGNORE_INDEX]
-    # the labelled tokens are exactly the two assistant contents with their end tokens (+ eos)
-    runs, run = [], []
-    for a, b in zip(trained, trained[1:] + [None]):
-        run.append(e.input_ids[a])
-        if b != a + 1:
-            runs.append(tok.decode(run, skip_special_tokens=False))
-            run = []
-    extra = "" if eos_in_chat else "<|end_of_text|>"
-    assert runs == [f"Hello.{end}", f"Four, I think.{end}{extra}"]
-    assert all(e.labels[i] == e.input_ids[i] for i in trained)
+    assert e.input_ids == tok.encode("".join(t for t, _ in r.segments))  # the rendered text, as one text
+    assert chat.stop_ids == [tok.token_to_id(end)]
+    # the labelled tokens are exactly the two assistant contents with their end tokens
+    assert tok_runs(e, tok) == [f"Hello.{end}", f"Four, I think.{end}"]
+    assert all(x in (IGNORE_INDEX, i) for x, i in zip(e.labels, e.input_ids))
+    assert tok.eos_id not in e.input_ids or eos_is_end
     text = tok.decode(e.input_ids, skip_special_tokens=False)
     for content in ("You are terse.", "Hi there", "Rate it"):
         assert content in text
     header = "<|im_start|>assistant\n" if fmt == "chatml" else "<|start_header_id|>assistant<|end_header_id|>\n\n"
     assert tok.decode(e.prompt_ids, skip_special_tokens=False).endswith(header)
+    assert tok.decode(e.answer_ids) == "Four, I think."
+    # data.train_on = "last_assistant": the earlier answer is context only
+    (last,) = tokenize_examples(render_records([CHAT], [], messages_chat=chat, train_on="last_assistant"), tok)
+    assert last.input_ids == e.input_ids and tok_runs(last, tok) == [f"Four, I think.{end}"]
     # collated and shifted, the chat mask survives every batching mode
     for mode in ("pad", "bucket", "pack"):
         check_batch(collate([e, e], mode=mode, pad_id=tok.pad_id, max_seq_len=512), [e, e], mode)
 
 
+def test_chat_format_without_the_tokens_ends_turns_with_eos():
+    """ftcore's own ChatML on a tokenizer that lacks its tokens (a base model pretrained here): the
+    markers are plain text, so the answer's turn is followed by eos, the one token a model can
+    learn to stop on."""
+    plain = Tokenizer.train_bpe(pretraining_texts(generate_reviews(200, seed=1)), 512)
+    chat = chat_template(DataConfig(), plain, messages=True)
+    assert chat.stop_ids == []
+    (e,) = tokenize_examples(render_records([CHAT], [], messages_chat=chat), plain)
+    assert tok_runs(e, plain) == ["Hello.<|im_end|>", "Four, I think.<|im_end|><|end_of_text|>"]
+
+
+def tok_runs(e, tok) -> list[str]:
+    """The decoded runs of consecutive labelled tokens of an example."""
+    runs, run = [], []
+    for x in e.labels + [IGNORE_INDEX]:
+        if x != IGNORE_INDEX:
+            run.append(x)
+        elif run:
+            runs.append(tok.decode(run, skip_special_tokens=False))
+            run = []
+    return runs
+
+
 def test_chat_bad_records(tok):
+    chat = chat_template(DataConfig(), tok, messages=True)
     skipped = {}
-    assert render_records([{"messages": [{"role": "user", "content": "hi"}]}], [], skipped=skipped) == []
+    assert render_records([{"messages": [{"role": "user", "content": "hi"}]}], [], messages_chat=chat,
+                          skipped=skipped) == []
     assert skipped == {"chat": 1}
     with pytest.raises(DataError, match=r"x.jsonl:2: no assistant turn in 'messages', needed by template 'chat'"):
         render_records([{"_where": "x.jsonl:2", "messages": [{"role": "user", "content": "hi"}]}], [],
-                       missing_field="error")
+                       messages_chat=chat, missing_field="error")
     with pytest.raises(DataError, match=r"x.jsonl:5: messages\[1\]: unknown role 'robot'"):
         render_records([{"_where": "x.jsonl:5", "messages": [{"role": "user", "content": "a"},
-                                                             {"role": "robot", "content": "b"}]}], [])
+                                                             {"role": "robot", "content": "b"}]}], [], messages_chat=chat)
     with pytest.raises(DataError, match=r"messages\[0\]: content must be a string, got int"):
-        render_records([{"messages": [{"role": "user", "content": 3}]}], [])
+        render_records([{"messages": [{"role": "user", "content": 3}]}], [], messages_chat=chat)
     # ShareGPT-style keys are understood
-    (r,) = render_records([{"messages": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}], [])
+    (r,) = render_records([{"messages": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}], [],
+                          messages_chat=chat)
     assert r.completion == "a" and "<|im_start|>user\nq<|im_end|>" in r.prompt
 
 

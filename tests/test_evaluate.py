@@ -108,7 +108,7 @@ def test_one_prefill_gives_what_separate_passes_give(tok):
         cfg = EvalConfig(max_examples=0, shots=0, max_new_tokens=6, batch_size=bs)
         outputs = {}
         results = evaluate_model(model, tok, examples, cfg, "cpu", outputs=outputs, progress=False)
-        labels = label_sets(examples, tok.eos_ids)
+        labels = label_sets(examples)
         for task, m in results.items():
             exs = [e for e in examples if e.template == task]
             loss, _, _ = completion_loss(model, exs, tok.pad_id, 4, "cpu")
@@ -141,7 +141,7 @@ def test_evaluate_model_reports_every_metric_per_kind(tok):
         # the metrics are computed from exactly the outputs reported
         preds = [o["output"] for o in outputs[task]]
         assert [o["reference"] for o in outputs[task]] == [e.completion for e in exs]
-        labels = label_sets(examples, tok.eos_ids).get(task.split("@")[0])
+        labels = label_sets(examples).get(task.split("@")[0])
         expected = generation_metrics(kind, preds, [e.completion for e in exs], labels and labels.names)
         assert {k: m[k] for k in expected} == expected
     # deterministic (greedy)
@@ -403,7 +403,7 @@ def test_label_logprobs_equal_full_recompute(tok):
 
 def test_label_sets_come_from_the_completions(tok):
     examples = make_examples(tok)
-    sets = label_sets(examples, tok.eos_ids)
+    sets = label_sets(examples)
     assert set(sets) == {"rating"}  # held-out paraphrases share their task's labels
     assert sets["rating"].names == ["1", "3", "4", "5"] and sets["rating"].texts == [" 1", " 3", " 4", " 5"]
     assert sets["rating"].ids == [tok.encode(t) for t in sets["rating"].texts]

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from ftcore import cli
+from ftcore.data.chat import ChatTemplate
 from ftcore.export import export
 from ftcore.model import ModelConfig, Transformer
 from ftcore.source import load_tokenizer
@@ -403,3 +404,6 @@ def test_the_real_smollm2_file_reads_as_transformers_reads_it():
     want = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert want.startswith("<|im_start|>system\n")
     assert tok.config["chat_template"] == theirs.chat_template
+    chat = ChatTemplate(tok.config["chat_template"], "SmolLM2", tok)  # run by ftcore: the same text
+    assert chat.render(messages, add_generation_prompt=True) == want
+    assert chat.stop_ids == [tok.token_to_id("<|im_end|>")] == tok.eos_ids

@@ -55,7 +55,7 @@ def test_the_recipe_runs_its_whole_path_on_a_tiny_gguf(tmp_path):
                  "eval.max_examples=6", "eval.max_heldout_examples=3", "eval.batch_size=4", "eval.max_new_tokens=4",
                  "log.progress=false", "data.max_seq_len=192", "data.max_completion_tokens=16"], timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "prompts chatml" in p.stdout and "time per phase" in p.stdout
+    assert "prompts in the chat_template of " in p.stdout and "time per phase" in p.stdout
     results = json.loads((run / "eval.json").read_text())
     assert list(results) == ["baseline", "base", "base_kshot", "finetuned"]
     for task in ("rating", "sentiment", "summary"):

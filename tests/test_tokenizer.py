@@ -144,6 +144,21 @@ def test_save_loads_in_transformers_identically(tmp_path, kind):
         assert ours.generation_config()["eos_token_id"] == ours.eos_ids
 
 
+def test_chat_template_files_win_over_the_config_entry(tmp_path):
+    """As transformers reads them: chat_template.jinja before tokenizer_config.json's chat_template,
+    additional_chat_templates/NAME.jinja as named templates beside it."""
+    d = llama3_dir(tmp_path / "m")
+    assert Tokenizer.from_dir(d).config["chat_template"] == "{{ messages }}"
+    (d / "chat_template.jinja").write_text("{{ bos_token }}")
+    tok = Tokenizer.from_dir(d)
+    assert tok.config["chat_template"] == "{{ bos_token }}" and tok.chat_template_source == str(d / "chat_template.jinja")
+    (d / "additional_chat_templates").mkdir()
+    (d / "additional_chat_templates" / "tool_use.jinja").write_text("{{ tools }}")
+    assert Tokenizer.from_dir(d).config["chat_template"] == {"default": "{{ bos_token }}", "tool_use": "{{ tools }}"}
+    hf = pytest.importorskip("transformers").AutoTokenizer.from_pretrained(str(d))
+    assert hf.chat_template == Tokenizer.from_dir(d).config["chat_template"]
+
+
 def test_encode_batch_matches_encode(tmp_path):
     tok = Tokenizer.from_dir(llama3_dir(tmp_path))
     assert tok.encode_batch(TEXTS) == [tok.encode(t) for t in TEXTS]

@@ -1,9 +1,10 @@
 """Instruction data, assembled for a run from its stages: records (ftcore.data.records: load, rename,
-split), rendering (ftcore.data.rendering: prompt/completion pairs), tokenisation with a completion mask
-(ftcore.data.examples), batching (ftcore.data.batching: pad, bucket or pack).
+split), rendering (ftcore.data.rendering: text segments, in a chat template (ftcore.data.chat) when
+there is one), tokenisation with a completion mask (ftcore.data.examples), batching
+(ftcore.data.batching: pad, bucket or pack).
 
     records (dicts)  --split by record-->  train / validation / test records
-        --render (templates, or the record's own instruction format)-->  Rendered
+        --render (templates, or the record's own instruction format; a chat template)-->  Rendered
         --tokenize (batch encode, BOS once, + eos, truncation)-->  Example(input_ids, labels)
         --StepSampler (seed, step) + micro_batches (rank, world)-->  {input_ids, labels, position_ids[, doc_ids]}
 
@@ -12,8 +13,12 @@ Conventions that other modules rely on:
   completion (+ eos) tokens: NOT shifted. `collate` shifts: `batch["labels"][b, t]` is the target
   of position t (the token at t + 1), -100 on prompt, padding and each example's last position.
 - A record in a standard instruction format is rendered as such, whatever data.templates says:
-  `messages` [{role, content}] (chat, loss on every assistant turn), instruction/input/output
-  (Alpaca prompt), prompt/completion (verbatim). Every other record is rendered with the templates.
+  `messages` [{role, content}] (chat, loss on every assistant turn or the last, data.train_on),
+  instruction/input/output (Alpaca prompt), prompt/completion (verbatim). Every other record is
+  rendered with the templates.
+- In a chat template the text is exactly what the template renders (transformers'
+  apply_chat_template), tokenized as one text; loss on each trained assistant's content and its
+  end-of-turn marker (ftcore.data.chat); plain completions lose their leading space there.
 - When [bos] + prompt + completion + [eos] exceeds data.max_seq_len, a completion of at most
   data.max_completion_tokens tokens is kept whole and the prompt is cut in the middle (the
   instruction at its start and the answer cue at its end survive; the record text between them
@@ -35,8 +40,10 @@ from ftcore.data.examples import Example, example_stats, label_counts, tokenize_
 from ftcore.model import IGNORE_INDEX  # noqa: F401 (re-exported)
 from ftcore.data.records import (_PRIVATE, FORMATS, DataError, apply_rename, check_unique_ids,  # noqa: F401
                             ensure_record_ids, load_records, split_records)
-from ftcore.data.rendering import (CHAT_FORMATS, ChatTemplate, Rendered, balance_classes, record_format,  # noqa: F401
-                              render_chat, render_record, render_records)
+from ftcore.data.chat import (CHAT_FORMATS, ChatTemplate, chat_template, check_chat_template,  # noqa: F401 (re-exported)
+                              set_chat_template)
+from ftcore.data.rendering import (Rendered, balance_classes, record_format, render_chat, render_record,  # noqa: F401
+                                   render_records)
 from ftcore.data.reviews import generate_reviews
 from ftcore.data.templates import DERIVED_FROM, Template, heldout_templates, resolve_templates
 
@@ -117,21 +124,6 @@ def clean_and_dedupe(records: list[dict], data_cfg, counts: dict | None = None) 
     return records
 
 
-def chat_template(data_cfg, tokenizer) -> ChatTemplate | None:
-    """The chat template instruction prompts are rendered in, per data.prompt_format: the model's own
-    (tokenizer_config.json's or the GGUF file's `chat_template`), or None for plain prompts."""
-    text = tokenizer.config.get("chat_template") if tokenizer is not None else None
-    if isinstance(text, list):  # [{"name": ..., "template": ...}]: the default one
-        text = next((t.get("template") for t in text if t.get("name") == "default"), None)
-    if data_cfg.prompt_format == "plain":
-        return None
-    if not text:
-        if data_cfg.prompt_format == "chat":
-            raise DataError("data.prompt_format=\"chat\", but the model's tokenizer has no chat_template")
-        return None
-    return ChatTemplate.recognise(text, where="the model's chat_template")
-
-
 def prepare_datasets(data_cfg: DataConfig, tokenizer, records: list[dict] | None = None, seed: int = 0,
                      train_cfg: TrainConfig | None = None) -> Datasets:
     """The splits of `seed` (a run's run.seed). Training examples: each train record with each
@@ -141,8 +133,6 @@ def prepare_datasets(data_cfg: DataConfig, tokenizer, records: list[dict] | None
         raise TypeError(f"prepare_datasets takes a DataConfig (cfg.data, with seed=cfg.run.seed), "
                         f"got {type(data_cfg).__name__}")
     source = data_source(data_cfg) if records is None else "records"
-    if data_cfg.chat_format not in CHAT_FORMATS:
-        raise DataError(f"data.chat_format must be one of {', '.join(CHAT_FORMATS)}, got {data_cfg.chat_format!r}")
     counts: dict[str, int] = {}
     if records is None:
         records = load_data_records(data_cfg, counts)
@@ -154,7 +144,10 @@ def prepare_datasets(data_cfg: DataConfig, tokenizer, records: list[dict] | None
     if not records:
         raise DataError(f"{source}: no records")
     templates = resolve_templates(data_cfg)  # TemplateError for an unknown name
-    chat = chat_template(data_cfg, tokenizer)
+    chat = chat_template(data_cfg, tokenizer)  # run on a probe conversation: a template that fails stops here
+    messages_chat = None  # `messages` records: that template whatever data.prompt_format says, else data.chat_format
+    if any(record_format(r) == "chat" for r in records):
+        messages_chat = chat or chat_template(data_cfg, tokenizer, messages=True)
     is_csv = source == data_cfg.path and \
         (data_cfg.format or FORMATS.get(Path(data_cfg.path).suffix.lower())) == "csv"
     check_fields(records, templates, data_cfg.rename, source, "column" if is_csv else "field")
@@ -162,14 +155,15 @@ def prepare_datasets(data_cfg: DataConfig, tokenizer, records: list[dict] | None
     check_unique_ids(records)
     splits = dict(zip(("train", "validation", "test"), split_records(records, data_cfg.split, seed)))
     stats: dict[str, Any] = {"source": source, "seed": seed, "batching": data_cfg.batching,
-                             "prompt_format": chat.name if chat else "plain",
+                             "prompt_format": "chat" if chat else "plain",
+                             "chat_template": (chat or messages_chat).source if (chat or messages_chat) else "",
                              "max_seq_len": data_cfg.max_seq_len, "skipped_missing": {}, "splits": {},
                              "duplicates_dropped": counts.get("duplicates_dropped", 0)}
     examples = {}
     for name, recs in splits.items():
         skipped: dict[str, int] = {}
         rng = random.Random(seed) if name == "train" else None
-        rendered = render_records(recs, templates, chat_format=data_cfg.chat_format, chat=chat,
+        rendered = render_records(recs, templates, chat=chat, messages_chat=messages_chat, train_on=data_cfg.train_on,
                                   missing_field=data_cfg.missing_field, skipped=skipped, rng=rng,
                                   paraphrases=data_cfg.paraphrases)
         if rng is not None:
@@ -207,8 +201,7 @@ def heldout_examples(records_or_split, tokenizer, data_cfg: DataConfig) -> list[
     records = records_or_split.records["test"] if isinstance(records_or_split, Datasets) else records_or_split
     paraphrases = [(h, 1.0) for t, _ in resolve_templates(data_cfg) for h in heldout_templates(t.name)]
     plain = [r for r in records if record_format(r) is None]
-    rendered = render_records(plain, paraphrases, chat_format=data_cfg.chat_format,
-                              chat=chat_template(data_cfg, tokenizer), missing_field="skip")
+    rendered = render_records(plain, paraphrases, chat=chat_template(data_cfg, tokenizer), missing_field="skip")
     return tokenize_examples(rendered, tokenizer, max_seq_len=data_cfg.max_seq_len,
                              max_completion_tokens=data_cfg.max_completion_tokens, overlong=data_cfg.overlong)
 
@@ -223,8 +216,9 @@ def _shares(counts: dict[str, int]) -> str:
 
 def format_stats(stats: dict) -> str:
     """The table printed before training."""
+    prompts = "in " + stats["chat_template"] if stats.get("prompt_format") == "chat" else "plain"
     lines = [f"data: {stats['source']}, split seed {stats['seed']}, max_seq_len {stats['max_seq_len']}, "
-             f"prompts {stats.get('prompt_format', 'plain')}"]
+             f"prompts {prompts}"]
     lines.append(f"  {'split':<11}{'records':>8}{'examples':>10}{'tokens':>12}{'compl. share':>14}"
                  f"{'mean len':>10}{'max len':>9}{'truncated':>11}")
     for name, s in stats["splits"].items():

@@ -1,12 +1,13 @@
 """Rendering: a record + a template, or the record's own instruction format (chat messages,
-Alpaca instruction/input/output, prompt/completion), -> prompt and completion text; the training
-mix (template weights, paraphrases) and class balancing."""
+Alpaca instruction/input/output, prompt/completion), -> text segments, in a chat template
+(ftcore.data.chat) when there is one; the training mix (template weights, paraphrases) and class
+balancing."""
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass
 
+from ftcore.data.chat import ChatTemplate, Conversation, chat_messages
 from ftcore.data.records import DataError
 from ftcore.data.templates import (ALPACA, ALPACA_NO_INPUT, PROMPT_COMPLETION, MissingField, Template, TemplateError, label_counts, normalize_label,
                               training_variants)
@@ -17,89 +18,41 @@ from ftcore.data.templates import (ALPACA, ALPACA_NO_INPUT, PROMPT_COMPLETION, M
 
 @dataclass
 class Rendered:
-    """segments: the texts in order with whether they carry loss; the last one is the completion.
-    prompt/completion are the texts evaluation uses (the instruction as the template wrote it, the
-    answer). context_segments: how many leading segments are conversation context shared by every
-    example (a chat template's system turn), which k-shot evaluation puts once in front of the shots."""
+    """segments: the texts in order with whether they carry loss; segments[answer] is the answer
+    (plain prompts: the completion, last; a chat: the last trained assistant content, its
+    end-of-turn marker after it). prompt/completion are the texts evaluation uses (the instruction
+    as the template wrote it, the answer). chat: the segments are one conversation rendered by a
+    chat template, tokenized as one text and given no BOS of ftcore's (the template writes its
+    own); eos: an eos follows the answer's turn (plain prompts; chat markers with no special
+    token). messages: that conversation's messages, from which k-shot prompts are rendered."""
     record_id: str
     template: str
     kind: str
     prompt: str
     completion: str
     segments: list[tuple[str, bool]]
-    context_segments: int = 0
+    answer: int = -1
+    chat: bool = False
+    eos: bool = True
+    messages: list[dict] | None = None
 
     @classmethod
     def simple(cls, prompt: str, completion: str, record_id: str = "", template: str = "",
                kind: str = "generation") -> "Rendered":
         return cls(record_id, template, kind, prompt, completion, [(prompt, False), (completion, True)])
 
-
-@dataclass(frozen=True)
-class ChatFormat:
-    header: str  # before each message, {role} filled in
-    end: str     # after each message's content; carries loss on assistant turns (the model learns to stop)
-    sep: str     # between messages
-
-
-CHAT_FORMATS = {
-    "chatml": ChatFormat("<|im_start|>{role}\n", "<|im_end|>", "\n"),
-    "llama3": ChatFormat("<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>", ""),
-}
-
-
-@dataclass(frozen=True)
-class ChatTemplate:
-    """A model's chat template as ftcore renders it: the message format, and the system turn the
-    template adds when the conversation has none (SmolLM2 and Qwen2.5 do). Recognised from the
-    template text (tokenizer_config.json's or GGUF's `chat_template`), not executed: ftcore has no
-    Jinja; tests check the rendering against transformers' apply_chat_template."""
-    name: str
-    format: ChatFormat
-    system: str | None = None
-    bos: str = ""  # text the template writes first (Llama 3: <|begin_of_text|>)
-
     @classmethod
-    def recognise(cls, template: str, where: str = "chat_template") -> "ChatTemplate":
-        if "<|im_start|>" in template and "<|im_end|>" in template:
-            return cls("chatml", CHAT_FORMATS["chatml"], _default_system(template, "<|im_start|>system\n", "<|im_end|>"))
-        if "<|start_header_id|>" in template and "<|eot_id|>" in template:
-            if "Cutting Knowledge Date" in template:
-                raise TemplateError(f"{where}: a Llama 3.1+ template (dates, tools) that ftcore does not render; "
-                                    "set data.prompt_format=\"plain\" for plain prompts")
-            bos = "<|begin_of_text|>" if "bos_token" in template or "<|begin_of_text|>" in template else ""
-            return cls("llama3", CHAT_FORMATS["llama3"], None, bos)
-        raise TemplateError(f"{where}: a chat template ftcore does not recognise (it renders ChatML and Llama 3); "
-                            "set data.prompt_format=\"plain\" for plain prompts")
-
-    def context(self) -> str:
-        """What comes before the first user turn."""
-        if self.system is None:
-            return self.bos
-        return self.bos + self.format.header.format(role="system") + self.system + self.format.end + self.format.sep
-
-    def user_turn(self, prompt: str) -> str:
-        """A user message and the assistant header after it: what the model continues."""
-        f = self.format
-        return f.header.format(role="user") + prompt + f.end + f.sep + f.header.format(role="assistant")
-
-    def segments(self, prompt: str, completion: str) -> list[tuple[str, bool]]:
-        context = self.context()
-        return ([(context, False)] if context else []) + [(self.user_turn(prompt), False),
-                                                          (completion + self.format.end, True)]
-
-
-def _default_system(template: str, start: str, end: str) -> str | None:
-    """The text of the system turn a template writes as a literal (its default), if any: the first
-    start...end span with no Jinja inside it."""
-    for m in re.finditer(re.escape(start) + r"(.*?)" + re.escape(end), template, flags=re.S):
-        if "{{" not in m.group(1) and "{%" not in m.group(1) and "'" not in m.group(1):
-            return m.group(1).replace("\\n", "\n")
-    return None
-
-
-_ROLES = {"system": "system", "user": "user", "assistant": "assistant",
-          "human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
+    def conversation(cls, conv: Conversation, messages: list[dict], record_id: str, template: str,
+                     kind: str = "generation", prompt: str | None = None) -> "Rendered":
+        """A rendered conversation (ftcore.data.chat): prompt defaults to the text before the answer."""
+        segments, pos = [], 0
+        for start, end, turn_end in conv.spans:
+            segments += [(conv.text[pos:start], False), (conv.text[start:end], True), (conv.text[end:turn_end], True)]
+            pos = turn_end
+        segments.append((conv.text[pos:], False))
+        start, end, _ = conv.spans[-1]
+        return cls(record_id, template, kind, conv.text[:start] if prompt is None else prompt, conv.text[start:end],
+                   segments, len(segments) - 3, chat=True, eos=conv.eos, messages=messages)
 
 
 def record_format(record: dict) -> str | None:
@@ -113,71 +66,52 @@ def record_format(record: dict) -> str | None:
     return None
 
 
-def render_chat(record: dict, chat: "ChatTemplate | str" = "chatml") -> Rendered:
-    """Every assistant turn carries loss (content + end token); messages after the last assistant
-    turn are dropped (nothing to learn from them). No assistant turn: MissingField. `chat`: the
-    model's ChatTemplate (its system turn when the record has none), or a format name."""
-    chat = chat if isinstance(chat, ChatTemplate) else ChatTemplate(chat, CHAT_FORMATS[chat])
-    fmt = chat.format
-    where = record.get("_where", "record")
-    msgs = record["messages"]
-    if not isinstance(msgs, list) or not msgs:
-        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
-    turns = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise DataError(f"{where}: messages[{i}] must be an object with role and content")
-        role, content = m.get("role", m.get("from")), m.get("content", m.get("value"))
-        if role not in _ROLES:
-            raise DataError(f"{where}: messages[{i}]: unknown role {role!r} (system, user, assistant)")
-        if not isinstance(content, str):
-            raise DataError(f"{where}: messages[{i}]: content must be a string, got {type(content).__name__}")
-        turns.append((_ROLES[role], content))
-    last = max((i for i, (role, _) in enumerate(turns) if role == "assistant"), default=None)
-    if last is None:
-        raise MissingField("assistant turn", "chat")
-    segments: list[tuple[str, bool]] = []
-    pending = chat.bos if turns[0][0] == "system" else chat.context()
-    for role, content in turns[:last + 1]:
-        pending += fmt.header.format(role=role)
-        if role != "assistant":
-            pending += content + fmt.end + fmt.sep
-            continue
-        segments.append((pending, False))
-        segments.append((content + fmt.end, True))
-        pending = fmt.sep
-    prompt = "".join(text for text, _ in segments[:-1])
-    return Rendered(str(record.get("record_id", "")), "chat", "generation", prompt, turns[last][1],
-                    [s for s in segments if s[0]])
+def _converse(chat: ChatTemplate, messages: list[dict], record: dict, train_on: str = "all_assistant") -> Conversation:
+    try:
+        return chat.conversation(messages, train_on)
+    except TemplateError as e:  # a template that refuses this record (Gemma: no system turn): say which
+        raise DataError(f"{record.get('_where', 'record ' + str(record.get('record_id', '')))}: {e}") from None
 
 
-def render_record(record: dict, template: Template | None = None, chat_format: str = "chatml",
-                  chat: ChatTemplate | None = None) -> Rendered:
-    """The record's own instruction format if it has one, else `template`; with `chat` (the model's
-    chat template) the instruction goes in as a user turn and the answer as the assistant's, ended
-    by its end-of-turn token. Raises MissingField."""
+def render_chat(record: dict, chat: ChatTemplate, train_on: str = "all_assistant") -> Rendered:
+    """A `messages` record in `chat`: every assistant turn carries loss (content + end-of-turn
+    marker), or the last only (train_on); messages after the last assistant turn are dropped.
+    No assistant turn: MissingField."""
+    messages = chat_messages(record)
+    return Rendered.conversation(_converse(chat, messages, record, train_on), messages,
+                                 str(record.get("record_id", "")), "chat")
+
+
+def render_record(record: dict, template: Template | None = None, chat: ChatTemplate | None = None,
+                  messages_chat: ChatTemplate | None = None, train_on: str = "all_assistant") -> Rendered:
+    """The record's own instruction format if it has one, else `template`; with `chat` (the chat
+    template prompts are rendered in) the instruction goes in as a user turn and the answer as the
+    assistant's, without the leading space plain completions have (the template spaces its turns).
+    `messages` records are rendered in messages_chat (default: chat). Raises MissingField."""
     fmt = record_format(record)
     if fmt == "chat":
-        return render_chat(record, chat or chat_format)
+        if (messages_chat or chat) is None:
+            raise TypeError("render_record: a `messages` record needs a chat template (messages_chat)")
+        return render_chat(record, messages_chat or chat, train_on)
     if fmt == "instruction":
         template = ALPACA if str(record.get("input") or "").strip() else ALPACA_NO_INPUT
     elif fmt == "prompt_completion":
         template = PROMPT_COMPLETION
     prompt, completion = template.render(record)
+    record_id = str(record.get("record_id", ""))
     if chat is None:
-        segments, context = [(prompt, False), (completion, True)], 0
-    else:
-        segments = chat.segments(prompt, completion)
-        context = len(segments) - 2
-    return Rendered(str(record.get("record_id", "")), template.name, template.kind, prompt, completion,
-                    segments, context)
+        return Rendered(record_id, template.name, template.kind, prompt, completion, [(prompt, False), (completion, True)])
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion.removeprefix(" ")}]
+    return Rendered.conversation(_converse(chat, messages, record), messages, record_id, template.name,
+                                 template.kind, prompt)
 
 
-def render_records(records: list[dict], templates: list[tuple[Template, float]], *, chat_format: str = "chatml",
-                   chat: ChatTemplate | None = None, missing_field: str = "skip",
-                   skipped: dict[str, int] | None = None, rng: random.Random | None = None,
-                   paraphrases: bool = False) -> list[Rendered]:
-    """Every record with every template (in the model's chat template when `chat` is given). With
+def render_records(records: list[dict], templates: list[tuple[Template, float]], *, chat: ChatTemplate | None = None,
+                   messages_chat: ChatTemplate | None = None, train_on: str = "all_assistant",
+                   missing_field: str = "skip", skipped: dict[str, int] | None = None,
+                   rng: random.Random | None = None, paraphrases: bool = False) -> list[Rendered]:
+    """Every record with every template (in the chat template `chat` when given; `messages` records
+    in messages_chat, see render_record). With
     rng (training), a template of weight w renders a
     record floor(w) times plus once more with probability frac(w): weight 0.5 = a seeded half of
     the records, weight 2 = every record twice. Records in their own instruction format are
@@ -196,7 +130,7 @@ def render_records(records: list[dict], templates: list[tuple[Template, float]],
             if rng is not None and paraphrases and template is not None:
                 template = rng.choice(training_variants(template))
             try:
-                rendered = render_record(r, template, chat_format, chat)
+                rendered = render_record(r, template, chat, messages_chat, train_on)
             except TemplateError as e:
                 name = template.name if template is not None else record_format(r)
                 if missing_field == "error" or not isinstance(e, MissingField):

@@ -91,8 +91,10 @@ def evaluate_for_run(cfg, model_dir, tokenizer, datasets, device, base: bool,
     from ftcore.data import chat_template
     from ftcore.model import Transformer
 
-    model = Transformer.from_pretrained(model_dir, dtype=eval_dtype(cfg, model_dir, device), device=device).eval()
     test, pool = eval_examples(cfg, tokenizer, datasets)
+    # the template chat examples were rendered in (`messages` records: whatever data.prompt_format says)
+    chat = chat_template(cfg.data, tokenizer, messages=any(e.messages is not None for e in test))
+    model = Transformer.from_pretrained(model_dir, dtype=eval_dtype(cfg, model_dir, device), device=device).eval()
     runs = [("base", None), ("base_kshot", pool)] if base else [(section or "finetuned", None)]
     if base and cfg.eval.shots <= 0:
         runs = runs[:1]
@@ -102,7 +104,7 @@ def evaluate_for_run(cfg, model_dir, tokenizer, datasets, device, base: bool,
         outputs: dict = {}
         results[name] = evaluate_model(model, tokenizer, test, cfg.eval, device, shots_pool=shots_pool,
                                        outputs=outputs, seed=cfg.run.seed, progress=cfg.log.progress,
-                                       label_pool=datasets.train, chat=chat_template(cfg.data, tokenizer))
+                                       label_pool=datasets.train, chat=chat)
         write_generations(out_dir or cfg.run.dir, name, outputs)
     del model
     return results

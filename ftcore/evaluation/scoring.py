@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from ftcore.data.batching import pad_batch
-from ftcore.data.examples import group_by_task
+from ftcore.data.examples import group_by_task, tokenize_examples
+from ftcore.data.rendering import Rendered
 from ftcore.evaluation.metrics import classification_metrics, generation_metrics, natural_order, normalize_label
 from ftcore.model import IGNORE_INDEX
 
@@ -70,19 +71,16 @@ class LabelSet:
     ids: list[list[int]]
 
 
-def label_sets(examples, eos_ids) -> dict[str, LabelSet]:
+def label_sets(examples) -> dict[str, LabelSet]:
     """{task: LabelSet} of the classification examples' completions, per task (held-out paraphrases
-    share their task's labels). Tasks with more than MAX_RANKED_LABELS labels are left out."""
-    eos = set(eos_ids)
+    share their task's labels); a label's ids are its answer tokens, without end-of-turn or eos.
+    Tasks with more than MAX_RANKED_LABELS labels are left out."""
     forms: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
     for ex in examples:
         name = normalize_label(ex.completion)
         if ex.kind != "classification" or not name:
             continue
-        ids = ex.input_ids[ex.prompt_len:]
-        if ids and ids[-1] in eos:
-            ids = ids[:-1]
-        if ids:
+        if ids := ex.answer_ids:
             forms[ex.task][name][(ex.completion, tuple(ids))] += 1
     out = {}
     for task, by_name in forms.items():
@@ -156,34 +154,34 @@ def rank_classify(model, prompts: list[list[int]], label_set: LabelSet, pad_id: 
 class _ShotBuilder:
     """k-shot prompts: up to k solved examples of the same task (prompt + completion, from the
     training split) before the test example, separated by a blank line; in a chat template, as
-    earlier user and assistant turns of the conversation.
+    earlier user and assistant turns of the conversation, rendered by the template (its system turn
+    once, each turn ended as the template ends it).
 
     The shots must fit the context the model was trained on (`max_len`) together with the test
     example and the room its answer needs: candidates are drawn in a seeded random order and taken
     while they fit, so a long test prompt gets shorter or fewer shots; how many it got is returned,
-    and the report says when it was fewer than k. The test example's own tokens stay exactly as in
-    zero-shot (only its bos or system turn moves to the front), so the difference between the two measures the
-    context alone. The loss is also computed with the shots in context (on the test completion only)."""
+    and the report says when it was fewer than k. Plain prompts: the test example's own tokens stay
+    exactly as in zero-shot (only its bos moves to the front), so the difference between the two
+    measures the context alone. The loss is also computed with the shots in context (on the test
+    completion only)."""
 
     def __init__(self, tokenizer, pool, k: int, max_len: int, seed: int, chat=None):
         self.k, self.max_len, self.rng = k, max_len, random.Random(seed)
+        self.tokenizer, self.chat = tokenizer, chat
         self.bos = tokenizer.bos_id
         self.eos = set(tokenizer.eos_ids)
-        # plain prompts: solved examples a blank line apart; a chat: earlier user/assistant turns,
-        # each ending in its end-of-turn token, after the system turn
-        self.sep = tokenizer.encode(chat.format.sep) if chat is not None else tokenizer.encode("\n\n")
-        self.keep_end = chat is not None
+        self.sep = tokenizer.encode("\n\n")
         self.pool: dict[str, list] = defaultdict(list)
         for ex in pool:
             self.pool[ex.template].append(ex)
 
     def _head_len(self, ex) -> int:
-        """Leading tokens of `ex` that stay in front of the shots (bos; a chat's system turn)."""
+        """Leading tokens of `ex` that stay in front of the shots (bos)."""
         return ex.context_len or int(self.bos is not None and ex.input_ids[:1] == [self.bos])
 
     def _body(self, shot) -> list[int]:
         ids = shot.input_ids[self._head_len(shot):]
-        if not self.keep_end and ids and ids[-1] in self.eos:
+        if ids and ids[-1] in self.eos:
             ids = ids[:-1]
         return ids + self.sep
 
@@ -193,7 +191,9 @@ class _ShotBuilder:
         # pool was rendered with them too: fall back to the training template's examples
         pool = self.pool.get(ex.template) or self.pool.get(ex.task, [])
         # a bounded seeded draw, so a large pool costs no more than a small one
-        drawn = self.rng.sample(pool, min(len(pool), 8 * self.k))
+        drawn = [s for s in self.rng.sample(pool, min(len(pool), 8 * self.k)) if s.record_id != ex.record_id]
+        if ex.messages is not None and self.chat is not None:
+            return self._conversation(ex, drawn, room_for_new)
         n_head = self._head_len(ex)
         head, ids, labels = ex.input_ids[:n_head], ex.input_ids[n_head:], ex.labels[n_head:]
         room = self.max_len - len(head) - len(ids) - room_for_new
@@ -202,21 +202,42 @@ class _ShotBuilder:
             if len(bodies) == self.k:
                 break
             body = self._body(shot)
-            if shot.record_id != ex.record_id and len(body) <= room:
+            if len(body) <= room:
                 bodies.append(body)
                 room -= len(body)
         context = head + [t for b in bodies for t in b]
         return (context + ids, [IGNORE_INDEX] * len(context) + labels,
                 len(context) + ex.prompt_len - n_head, len(bodies))
 
+    def _conversation(self, ex, drawn, room_for_new: int) -> tuple[list[int], list[int], int, int]:
+        """The shots' turns between ex's system turn and its own turns, the whole conversation
+        rendered by the chat template and tokenized as training tokenizes it (loss on ex's answer)."""
+        system = [m for m in ex.messages if m["role"] == "system"]
+        own = [m for m in ex.messages if m["role"] != "system"]
+        best, turns, used = (ex.input_ids, ex.labels, ex.prompt_len), [], 0
+        for shot in drawn:
+            if used == self.k:
+                break
+            if shot.messages is None:
+                continue
+            trial = turns + [m for m in shot.messages if m["role"] != "system"]
+            messages = system + trial + own
+            rendered = Rendered.conversation(self.chat.conversation(messages, "last_assistant"), messages, ex.record_id,
+                                             ex.template, ex.kind)
+            (tokenized,) = tokenize_examples([rendered], self.tokenizer, max_seq_len=1 << 30)
+            if len(tokenized) + room_for_new <= self.max_len:
+                best, turns, used = (tokenized.input_ids, tokenized.labels, tokenized.prompt_len), trial, used + 1
+        return (*best, used)
+
 
 @torch.inference_mode()
 def _answer(model, prompts: list[list[int]], references: list[list[int]], label_set, new_tokens: int,
-            tokenizer, batch_size: int, bar=None):
+            tokenizer, stop_ids: list[int], batch_size: int, bar=None):
     """(loss sum, target tokens, greedy answers, ranked labels or None) for prompts of one task:
     each batch of prompts runs through the model once (one prefill), and the reference
     completion's loss, the label ranking and the greedy answer all continue from its cache.
-    Batches of similar prompt length waste less compute on padding; results go back in order."""
+    Batches of similar prompt length waste less compute on padding; results go back in order.
+    Decoding stops at any of stop_ids (eos, and a chat template's end-of-turn tokens)."""
     from ftcore.generate import generate, prefill
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[list[int]] = [[] for _ in prompts]
@@ -237,7 +258,7 @@ def _answer(model, prompts: list[list[int]], references: list[list[int]], label_
             scores = torch.stack([continuation_logprobs(model, start, [cand] * len(batch)) for cand in label_set.ids], -1)
             for i, best in zip(idx, scores.argmax(-1).tolist()):
                 ranked[i] = best
-        for i, ids in zip(idx, generate(model, batch, new_tokens, tokenizer.eos_ids, tokenizer.pad_id, start=start)):
+        for i, ids in zip(idx, generate(model, batch, new_tokens, stop_ids, tokenizer.pad_id, start=start)):
             answers[i] = ids
         if bar is not None:
             bar.update(1)
@@ -257,12 +278,15 @@ def evaluate_model(model, tokenizer, examples, eval_cfg, device, shots_pool=None
     outputs, and for classification the rank_* metrics over the task's label set, taken from
     `label_pool` (the training split; default: `examples`). With shots_pool and eval_cfg.shots =
     k > 0, every prompt gets up to k in-context examples from the pool, fitted into context_len
-    (default: the model's max_position_embeddings); `shots` is then the mean number used. If
-    `outputs` is a dict, it receives {task: [{"prompt", "reference", "output"}]}."""
+    (default: the model's max_position_embeddings); `shots` is then the mean number used. chat:
+    the ChatTemplate chat examples were rendered in (their k-shot turns are rendered by it, and
+    decoding stops at its end-of-turn tokens as at eos). If `outputs` is a dict, it receives
+    {task: [{"prompt", "reference", "output"}]}."""
     from tqdm import tqdm
 
     tasks = group_by_task(examples, eval_cfg.max_examples, eval_cfg.max_heldout_examples)
-    labels = label_sets(label_pool if label_pool is not None else examples, tokenizer.eos_ids)
+    labels = label_sets(label_pool if label_pool is not None else examples)
+    stop_ids = list(dict.fromkeys(tokenizer.eos_ids + (chat.stop_ids if chat is not None else [])))
     bs, max_new = eval_cfg.batch_size, eval_cfg.max_new_tokens
     shots = None
     if shots_pool is not None and eval_cfg.shots > 0:
@@ -288,7 +312,7 @@ def evaluate_model(model, tokenizer, examples, eval_cfg, device, shots_pool=None
             # reference completion is what carries loss after it
             prompts = [ids[:prompt_len] for ids, _, prompt_len, _ in seqs]
             references = [[t for t, lab in zip(ids[n:], labs[n:]) if lab != IGNORE_INDEX] for ids, labs, n, _ in seqs]
-            total, n, generated, ranked = _answer(model, prompts, references, label_set, new_tokens, tokenizer, bs, bar)
+            total, n, generated, ranked = _answer(model, prompts, references, label_set, new_tokens, tokenizer, stop_ids, bs, bar)
             predictions = [tokenizer.decode(g) for g in generated]
             references_text = [e.completion for e in exs]
             loss = total / n if n else float("nan")

@@ -281,8 +281,10 @@ class GGUFModel:
         config["add_bos_token"] = add_bos
         if (unk := name("unknown_token_id")) is not None:
             config["unk_token"] = unk
-        return Tokenizer(tok, name("bos_token_id"), name("eos_token_id"), name("padding_token_id"),
-                         add_bos=add_bos, config=config)
+        out = Tokenizer(tok, name("bos_token_id"), name("eos_token_id"), name("padding_token_id"),
+                        add_bos=add_bos, config=config)
+        out.chat_template_source = f"{self.path} (tokenizer.chat_template)"
+        return out
 
 
 # ------------------------------------------------------------------------------------------------
