@@ -14,8 +14,10 @@ setup(
     extras_require={
         "triton": ["triton"],
         "gguf": ["gguf"],  # GGUF files (llama.cpp) in and out: the format's own library
-        # transformers reads GGUF with gguf and accelerate: the reference the GGUF tests check against
-        "test": ["pytest", "transformers", "rouge-score", "sacrebleu", "triton", "matplotlib", "gguf", "accelerate"],
+        # transformers reads GGUF with gguf and accelerate: the reference the GGUF tests check against;
+        # pyyaml: the reference ftcore's own YAML reader (ftcore/data/miniyaml.py) is checked against
+        "test": ["pytest", "transformers", "rouge-score", "sacrebleu", "triton", "matplotlib", "gguf", "accelerate",
+                 "pyyaml"],
         "bench": ["matplotlib"],
         "plot": ["matplotlib"],
     },

@@ -36,12 +36,16 @@ def token_stream(texts: list[str], tok: Tokenizer) -> torch.Tensor:
 
 
 def pretrain_base(cfg: Config, out_dir: Path, device: torch.device) -> Path:
-    from ftcore.data import load_data_records, split_records
+    from ftcore.data import _PRIVATE, DataError, load_data_records, split_records
     from ftcore.data.reviews import pretraining_texts
 
     p = cfg.pretrain
     train_records, _, _ = split_records(load_data_records(cfg.data), cfg.data.split, cfg.run.seed)
-    texts = pretraining_texts(train_records)  # test reviews never reach the base model
+    for f in p.text_fields:
+        if not any(f in r for r in train_records):
+            found = ", ".join(sorted({k for r in train_records for k in r} - set(_PRIVATE)))
+            raise DataError(f"pretrain.text_fields: no record has a field '{f}' (after data.rename; fields: {found})")
+    texts = pretraining_texts(train_records, p.text_fields)  # test reviews never reach the base model
     tok = Tokenizer.train_bpe(texts, p.vocab_size)
     stream = token_stream(texts, tok)
     print(f"pretraining a base model: {len(texts)} texts, {len(stream):,} tokens, vocab {tok.vocab_size}", flush=True)

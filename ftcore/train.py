@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from ftcore import checkpoint as ckpt
 from ftcore.config import Config, ConfigError, accumulation_steps, check_kernels, to_toml
-from ftcore.data import Datasets, Example, StepSampler, collate, format_stats, micro_batches, prepare_datasets
+from ftcore.data import (Datasets, Example, StepSampler, collate, format_stats, micro_batches, prepare_datasets,
+                         resolve_templates)
 from ftcore.export import export_hf
 from ftcore.files import write_atomic
 from ftcore.hardware import MatmulShape, keep_freed_memory, resolve_auto
@@ -189,6 +190,7 @@ def set_up(cfg: Config, proc: Process) -> Run:
     if resume_from is not None:
         check_resume_config(run_dir, cfg, say)
 
+    resolve_templates(cfg.data)  # a mistake in a template (its name, file, Jinja) ends the run before pretraining
     t_start = time.perf_counter()
     base_dir = prepare_base(cfg, run_dir, proc)
     pretrain_s = time.perf_counter() - t_start

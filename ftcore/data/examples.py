@@ -30,6 +30,7 @@ class Example:
     prompt_len: int
     truncated: bool = False
     context_len: int = 0  # leading tokens shared by every example: bos, a chat template's system turn
+    choices: tuple[str, ...] = ()  # the template's answer choices for this record (its task's labels)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -110,7 +111,7 @@ def tokenize_examples(rendered: list[Rendered], tokenizer, *, max_seq_len: int =
         input_ids = bos + prefix + comp + eos
         labels = [IGNORE_INDEX] * n_bos + prefix_labels + comp + eos
         out.append(Example(r.record_id, r.template, r.kind, r.prompt, r.completion, input_ids, labels,
-                           n_bos + len(prefix), truncated, n_bos + context))
+                           n_bos + len(prefix), truncated, n_bos + context, r.choices))
     return out
 
 

@@ -20,7 +20,8 @@ class Rendered:
     """segments: the texts in order with whether they carry loss; the last one is the completion.
     prompt/completion are the texts evaluation uses (the instruction as the template wrote it, the
     answer). context_segments: how many leading segments are conversation context shared by every
-    example (a chat template's system turn), which k-shot evaluation puts once in front of the shots."""
+    example (a chat template's system turn), which k-shot evaluation puts once in front of the shots.
+    choices: the template's answer choices for this record (a classification task's labels), if any."""
     record_id: str
     template: str
     kind: str
@@ -28,6 +29,7 @@ class Rendered:
     completion: str
     segments: list[tuple[str, bool]]
     context_segments: int = 0
+    choices: tuple[str, ...] = ()
 
     @classmethod
     def simple(cls, prompt: str, completion: str, record_id: str = "", template: str = "",
@@ -170,7 +172,7 @@ def render_record(record: dict, template: Template | None = None, chat_format: s
         segments = chat.segments(prompt, completion)
         context = len(segments) - 2
     return Rendered(str(record.get("record_id", "")), template.name, template.kind, prompt, completion,
-                    segments, context)
+                    segments, context, template.choices(record))
 
 
 def render_records(records: list[dict], templates: list[tuple[Template, float]], *, chat_format: str = "chatml",
@@ -202,7 +204,7 @@ def render_records(records: list[dict], templates: list[tuple[Template, float]],
                 if missing_field == "error" or not isinstance(e, MissingField):
                     what = str(e)
                     if isinstance(e, MissingField):
-                        what = "no assistant turn in 'messages'" if template is None else f"no field '{e.field}'"
+                        what = "no assistant turn in 'messages'" if template is None else e.what
                     hint = ' (data.missing_field="skip" skips such records)' if isinstance(e, MissingField) else ""
                     raise DataError(f"{r.get('_where', 'record ' + str(r.get('record_id')))}: "
                                     f"{what}, needed by template '{name}'{hint}") from None

@@ -51,7 +51,10 @@ def baseline_results(examples, train_examples, records: dict[str, dict], templat
             counts = Counter((train_labels or {}).get(exs[0].task) or [normalize_label(e.completion) for e in pool])
             majority = counts.most_common(1)[0][0]
             answers = [majority] * len(exs)
-            labels = sorted(counts, key=natural_order)
+            # the template's answer choices where it has them (fixed ones), else the labels seen in training
+            fixed = {tuple(e.choices) for e in exs}
+            labels = list(dict.fromkeys(normalize_label(c) for c in exs[0].choices)) if exs[0].choices and len(fixed) == 1 \
+                else sorted(counts, key=natural_order)
             m = generation_metrics(kind, answers, references, labels)
             m.update(rank_accuracy=m["accuracy"], rank_macro_f1=m["macro_f1"], majority_answer=majority, label_set=labels)
         else:
