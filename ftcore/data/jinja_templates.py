@@ -153,6 +153,10 @@ class JinjaTemplate:
     def task(self) -> str:
         return self.name
 
+    @property
+    def _where(self) -> str:
+        return self.where or f"template '{self.name}'"
+
     def render(self, record: dict) -> tuple[str, str]:
         """(prompt, " " + answer). MissingField for a field the record lacks, NoAnswer when the
         template renders no answer for it, TemplateError when rendering fails."""
@@ -160,7 +164,7 @@ class JinjaTemplate:
         text = self._run(self._compiled[0], {**context, "answer_choices": self._choices(context)})
         parts = text.split(SEPARATOR)
         if len(parts) > 2:
-            raise TemplateError(f"{self.where or 'template'}: renders {len(parts) - 1} '{SEPARATOR}' for this "
+            raise TemplateError(f"{self._where}: renders {len(parts) - 1} '{SEPARATOR}' for this "
                                 "record; one separates the prompt from the answer")
         prompt, answer = (p.replace(_PIPE, SEPARATOR).strip() for p in parts) if len(parts) == 2 else ("", "")
         if not prompt or not answer:
@@ -186,7 +190,7 @@ class JinjaTemplate:
             if name in DERIVATIONS and (value := DERIVATIONS[name](record)) is not None:
                 context[name] = value
         if self.answer_choices is not None and "answer_choices" in context:
-            raise TemplateError(f"{self.where or 'template'}: the record has a field 'answer_choices', which the "
+            raise TemplateError(f"{self._where}: the record has a field 'answer_choices', which the "
                                 "template's own answer_choices hide: rename it with data.rename")
         context[_RANDOM] = random.Random(f"{record.get('record_id')}\x00{self.name}")
         return context
@@ -203,11 +207,11 @@ class JinjaTemplate:
         except _Absent as e:
             raise MissingField(e.name, self.name) from None
         except SecurityError as e:
-            raise TemplateError(f"{self.where or 'template'}: the sandbox refuses it: {e} (a template reads the "
+            raise TemplateError(f"{self._where}: the sandbox refuses it: {e} (a template reads the "
                                 "record; it may not modify lists or dicts, nor reach Python internals)") from None
         except Exception as e:  # the template's own failure on this record: a user error, one line
             hint = " (CSV values are text: {{ x | int }} makes a number)" if isinstance(e, TypeError) and "'str'" in str(e) else ""
-            raise TemplateError(f"{self.where or 'template'}: rendering failed ({type(e).__name__}: {e}){hint}") from None
+            raise TemplateError(f"{self._where}: rendering failed ({type(e).__name__}: {e}){hint}") from None
 
 
 @dataclass(frozen=True)
@@ -236,8 +240,11 @@ def template_from_spec(name: str, spec: dict, where: str, lines: dict | None = N
     """A JinjaTemplate from {jinja, answer_choices?, kind?, metadata?: {metrics}}; the kind is the
     explicit one, else from answer_choices and the metrics (kind_of). `lines` {key: line} places
     errors in a file; else they name `where`.KEY."""
-    def at(key):
-        return f"{where.rsplit(':', 1)[0]}:{lines[key]}" if lines and key in lines else f"{where}.{key}"
+    def at(key):  # file:line of the key (of the template where the key is missing), or where.KEY
+        if lines is None:
+            return f"{where}.{key}"
+        path, line = where.rsplit(":", 1)
+        return f"{path}:{lines.get(key, line)}"
 
     keys = TEMPLATE_KEYS + (FILE_KEYS if lines is not None else ())
     for key in spec:

@@ -286,9 +286,7 @@ class _Parser:
         while inner[pos:].strip():
             pos += len(inner[pos:]) - len(inner[pos:].lstrip())
             if inner[pos] in "'\"":
-                item, end, end_row = _Parser(inner[pos:], self.source, row).quoted(0, 0)
-                if end_row:
-                    self.fail(row, "a quote in the [..] list is never closed")
+                item, end, _ = _Parser(inner[pos:], self.source, row).quoted(0, 0)  # one line: closed on it
                 pos += end
             else:
                 end = inner.find(",", pos) if "," in inner[pos:] else len(inner)

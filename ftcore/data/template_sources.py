@@ -90,7 +90,8 @@ def resolve_templates(data_cfg) -> list[tuple[Template | JinjaTemplate, float]]:
             raise TemplateError(f"data.templates: weight of '{entry}' must be > 0, got {weight}")
         for template in _entry_templates(entry, avail, files):
             if template.name in seen:
-                again = "is listed twice" if seen[template.name] == entry else f"comes from both '{seen[template.name]}' and '{entry}'"
+                first = seen[template.name]
+                again = "is listed twice" if first == entry else f"comes from both '{first}' and '{entry}'"
                 raise TemplateError(f"data.templates: '{template.name}' {again}")
             seen[template.name] = entry
             out.append((template, float(weight)))
