@@ -16,9 +16,10 @@ setup(
     extras_require={
         "triton": ["triton"],
         "gguf": ["gguf"],  # GGUF files (llama.cpp) in and out: the format's own library
-        # transformers reads GGUF with gguf and accelerate: the reference the GGUF tests check against
+        # transformers reads GGUF with gguf and accelerate: the reference the GGUF tests check against;
+        # pyyaml: the reference ftcore's own YAML reader (ftcore/data/miniyaml.py) is checked against
         "test": ["pytest", "transformers", "rouge-score", "sacrebleu", "triton", "matplotlib", "gguf", "accelerate",
-                 "tensorboard"],
+                 "pyyaml", "tensorboard"],
         "bench": ["matplotlib"],
         "plot": ["matplotlib"],
         "tensorboard": ["tensorboard"],  # log.tensorboard = true: event files under RUN_DIR/tensorboard/

@@ -50,6 +50,7 @@ class PretrainConfig:
     seq_len: int = 256
     batch_size: int = 16
     lr: float = 3e-3
+    text_fields: list[str] = field(default_factory=lambda: ["summary", "text"])  # what it reads of a record, a line each
 
 
 @dataclass

@@ -40,12 +40,17 @@ def token_stream(texts: list[str], tok: Tokenizer) -> torch.Tensor:
 def pretrain_tokenizer(cfg: Config) -> tuple[Tokenizer, list[str]]:
     """The byte-level BPE tokenizer the base is pretrained with, trained on the texts of the
     training split's records (test reviews never reach the base model), and those texts."""
-    from ftcore.data import load_data_records, split_records
+    from ftcore.data import _PRIVATE, DataError, load_data_records, split_records
     from ftcore.data.reviews import pretraining_texts
 
     train_records, _, _ = split_records(load_data_records(cfg.data), cfg.data.split, cfg.run.seed)
-    texts = pretraining_texts(train_records)
-    return Tokenizer.train_bpe(texts, cfg.pretrain.vocab_size), texts
+    p = cfg.pretrain
+    for f in p.text_fields:
+        if not any(f in r for r in train_records):
+            found = ", ".join(sorted({k for r in train_records for k in r} - set(_PRIVATE)))
+            raise DataError(f"pretrain.text_fields: no record has a field '{f}' (after data.rename; fields: {found})")
+    texts = pretraining_texts(train_records, p.text_fields)
+    return Tokenizer.train_bpe(texts, p.vocab_size), texts
 
 
 def pretrain_base(cfg: Config, out_dir: Path, device: torch.device, inputs: dict) -> Path:

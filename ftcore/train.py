@@ -18,7 +18,7 @@ import torch
 from ftcore import checkpoint as ckpt
 from ftcore.config import Config, ConfigError, accumulation_steps, check_kernels, to_toml
 from ftcore.data import (Datasets, Example, StepSampler, check_chat_template, collate, format_stats, micro_batches,
-                         prepare_datasets, set_chat_template)
+                         prepare_datasets, resolve_templates, set_chat_template)
 from ftcore.export import export_hf
 from ftcore.files import write_atomic
 from ftcore.hardware import MatmulShape, keep_freed_memory, resolve_auto
@@ -214,7 +214,8 @@ def set_up(cfg: Config, proc: Process) -> Run:
     if resume_from is not None:
         check_resume_config(run_dir, cfg, say)
 
-    check_chat_template(cfg.data)  # before a base model is pretrained
+    check_chat_template(cfg.data)  # a mistake in the chat template or in a prompt template (its name, file,
+    resolve_templates(cfg.data)    # Jinja) ends the run before pretraining
     t_start = time.perf_counter()
     base_dir = prepare_base(cfg, run_dir, proc, base_inputs, base_cached)
     pretrain_s = time.perf_counter() - t_start

@@ -238,3 +238,22 @@ def run_ranks(args: list[str], nranks: int = 2, timeout=120, env_extra=None, cli
              for r in range(nranks)]
     outs = [p.communicate(timeout=timeout) for p in procs]
     return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
+
+
+PROMPTSOURCE_SDIST = os.environ.get("FTCORE_PROMPTSOURCE_SDIST", "")
+
+
+def promptsource_files() -> dict[str, str]:
+    """{path in the archive: text} of every templates.yaml in promptsource's sdist (0.2.3: 279 files,
+    Apache-2.0), read from the archive that FTCORE_PROMPTSOURCE_SDIST names; `.ci/run` downloads it
+    (promptsource no longer installs on Python >= 3.10, its sdist still downloads). Without it the
+    calling test skips, and fails under CI: the real files must be checked there."""
+    import tarfile
+
+    if not Path(PROMPTSOURCE_SDIST).is_file():
+        why = ("FTCORE_PROMPTSOURCE_SDIST names no file: set it to promptsource-0.2.3.tar.gz (.ci/run fetches it with "
+               "pip download --no-deps --python-version 3.9 --no-binary :all: promptsource==0.2.3)")
+        pytest.fail(why) if os.environ.get("CI") else pytest.skip(why)
+    with tarfile.open(PROMPTSOURCE_SDIST) as tar:
+        return {m.name: tar.extractfile(m).read().decode("utf-8") for m in tar.getmembers()
+                if m.isfile() and m.name.endswith("/templates.yaml")}

@@ -3,23 +3,35 @@ resolving data.templates."""
 import pytest
 
 from ftcore.config import DataConfig
+from ftcore.data.template_sources import resolve_templates
 from ftcore.data.templates import BUILTIN, HELDOUT, KINDS, MissingField, Template, TemplateError, \
-    heldout_templates, parse_rating, resolve_templates
+    heldout_templates, parse_rating
 
 REVIEW = {"rating": 4, "summary": "Solid kettle", "text": "The handle is nice.", "product": "Lumo kettle"}
 
 
-def test_placeholders_and_escapes():
-    t = Template("t", "Say {a} and {b_2} {{literal}} {a}", "{c}}}", "generation")
+def test_placeholders():
+    t = Template("t", "Say {a} and {b_2} {a}", "{c}", "generation")
     assert t.fields == {"a", "b_2", "c"}
-    assert t.render({"a": "x", "b_2": 3, "c": "y"}) == ("Say x and 3 {literal} x", "y}")
+    assert t.render({"a": "x", "b_2": 3, "c": "y"}) == ("Say x and 3 x", "y")
 
 
 @pytest.mark.parametrize("bad", ["{a.b}", "{a[0]}", "{0}", "{}", "{ a }", "{a!r}", "{a:>4}", "lone { brace",
                                  "lone } brace", "{__class__.__init__}x{", "{a"])
 def test_unsafe_or_broken_placeholders_are_refused(bad):
-    with pytest.raises(TemplateError, match=r"template 'u' prompt: invalid placeholder .* plain field name"):
+    with pytest.raises(TemplateError, match=r"template 'u' prompt: invalid placeholder .* plain field name.*"
+                                            r"Jinja form, data.user_templates.u = \{jinja = "):
         Template("u", bad, "{a}")
+
+
+@pytest.mark.parametrize("jinja", ["Review: {{review_body}}", "{{ text }}", "{% if a %}x{% endif %}", "a}}", "{{literal}}"])
+def test_jinja_syntax_in_a_field_template_points_to_the_jinja_form(jinja):
+    """`{{` was an escaped brace, so a pasted promptsource template rendered '{review_body}' silently."""
+    with pytest.raises(TemplateError) as e:
+        Template("mine", jinja, " {b}")
+    msg = str(e.value)
+    assert msg.startswith("template 'mine' prompt: '") and "is Jinja syntax, which a {field} template does not run" in msg
+    assert 'data.user_templates.mine = {jinja = "... {{ field }} ... ||| {{ answer }}"}' in msg and "\n" not in msg
 
 
 def test_values_are_inserted_literally_not_expanded():

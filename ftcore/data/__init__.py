@@ -45,7 +45,9 @@ from ftcore.data.chat import (CHAT_FORMATS, ChatTemplate, chat_template, check_c
 from ftcore.data.rendering import (Rendered, balance_classes, record_format, render_chat, render_record,  # noqa: F401
                                    render_records)
 from ftcore.data.reviews import generate_reviews
-from ftcore.data.templates import DERIVED_FROM, Template, heldout_templates, resolve_templates
+from ftcore.data.jinja_templates import JinjaTemplate
+from ftcore.data.templates import DERIVED_FROM, Template, TemplateError, heldout_templates
+from ftcore.data.template_sources import resolve_templates
 
 # The modules above hold each stage; this one assembles a run's datasets from them (and re-exports
 # their names, which is where users and tests have always imported them from).
@@ -87,6 +89,7 @@ class Datasets:
     test: list[Example]
     stats: dict
     records: dict[str, list[dict]] = field(default_factory=dict)  # split name -> its records
+    answer_forms: list[Example] = field(default_factory=list)     # each answer choice written as an answer
 
     def split(self, name: str) -> list[Example]:
         return {"train": self.train, "validation": self.validation, "test": self.test}[name]
@@ -191,7 +194,27 @@ def prepare_datasets(data_cfg: DataConfig, tokenizer, records: list[dict] | None
         stats["padding_share"] = padding_share(
             [len(e) for e in examples["train"]], data_cfg.batching, train_cfg.micro_batch_size,
             train_cfg.global_batch_size, data_cfg.max_seq_len, seed)
-    return Datasets(examples["train"], examples["validation"], examples["test"], stats, splits)
+    forms = tokenize_examples(answer_forms(splits["train"], templates, chat), tokenizer,
+                              max_seq_len=data_cfg.max_seq_len, max_completion_tokens=data_cfg.max_completion_tokens)
+    return Datasets(examples["train"], examples["validation"], examples["test"], stats, splits, forms)
+
+
+def answer_forms(records: list[dict], templates, chat) -> list[Rendered]:
+    """Each answer choice of each template that has answer_choices, written as the template's
+    answer to the first record it renders: the tokens ranked scoring gives each label, a label no
+    training example has included."""
+    out: list[Rendered] = []
+    for template, _ in templates:
+        if not isinstance(template, JinjaTemplate) or template.answer_choices is None:
+            continue
+        for r in records:
+            if record_format(r) is None:
+                try:
+                    out += [render_record(r, template.answering(c), chat) for c in template.choices(r)]
+                    break
+                except TemplateError:  # not this record (a field missing, no answer): the next one
+                    continue
+    return out
 
 
 def heldout_examples(records_or_split, tokenizer, data_cfg: DataConfig) -> list[Example]:

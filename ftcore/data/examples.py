@@ -35,6 +35,7 @@ class Example:
     context_len: int = 0  # leading tokens that k-shot prompts keep in front of the shots: ftcore's bos
     answer_len: int = 0
     messages: list[dict] | None = None
+    choices: tuple[str, ...] = ()  # the template's answer choices for this record (its task's labels)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -184,7 +185,7 @@ def _fit(r: Rendered, p: _Parts, bos_id: int | None, max_seq_len: int, max_compl
     bos = [bos_id] * p.n_bos
     return Example(r.record_id, r.template, r.kind, r.prompt, r.completion, bos + prefix + comp + tail,
                    [IGNORE_INDEX] * p.n_bos + prefix_labels + comp + tail_labels, p.n_bos + len(prefix), truncated,
-                   p.n_bos, min(p.answer_len, len(comp)), r.messages)
+                   p.n_bos, min(p.answer_len, len(comp)), r.messages, r.choices)
 
 
 def example_stats(examples: list[Example]) -> dict[str, Any]:

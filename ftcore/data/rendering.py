@@ -24,7 +24,8 @@ class Rendered:
     as the template wrote it, the answer). chat: the segments are one conversation rendered by a
     chat template, tokenized as one text and given no BOS of ftcore's (the template writes its
     own); eos: an eos follows the answer's turn (plain prompts; chat markers with no special
-    token). messages: that conversation's messages, from which k-shot prompts are rendered."""
+    token). messages: that conversation's messages, from which k-shot prompts are rendered.
+    choices: the template's answer choices for this record (a classification task's labels), if any."""
     record_id: str
     template: str
     kind: str
@@ -35,6 +36,7 @@ class Rendered:
     chat: bool = False
     eos: bool = True
     messages: list[dict] | None = None
+    choices: tuple[str, ...] = ()
 
     @classmethod
     def simple(cls, prompt: str, completion: str, record_id: str = "", template: str = "",
@@ -100,10 +102,14 @@ def render_record(record: dict, template: Template | None = None, chat: ChatTemp
     prompt, completion = template.render(record)
     record_id = str(record.get("record_id", ""))
     if chat is None:
-        return Rendered(record_id, template.name, template.kind, prompt, completion, [(prompt, False), (completion, True)])
-    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion.removeprefix(" ")}]
-    return Rendered.conversation(_converse(chat, messages, record), messages, record_id, template.name,
-                                 template.kind, prompt)
+        rendered = Rendered(record_id, template.name, template.kind, prompt, completion,
+                            [(prompt, False), (completion, True)])
+    else:
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion.removeprefix(" ")}]
+        rendered = Rendered.conversation(_converse(chat, messages, record), messages, record_id, template.name,
+                                         template.kind, prompt)
+    rendered.choices = template.choices(record)
+    return rendered
 
 
 def render_records(records: list[dict], templates: list[tuple[Template, float]], *, chat: ChatTemplate | None = None,
@@ -136,7 +142,7 @@ def render_records(records: list[dict], templates: list[tuple[Template, float]],
                 if missing_field == "error" or not isinstance(e, MissingField):
                     what = str(e)
                     if isinstance(e, MissingField):
-                        what = "no assistant turn in 'messages'" if template is None else f"no field '{e.field}'"
+                        what = "no assistant turn in 'messages'" if template is None else e.what
                     hint = ' (data.missing_field="skip" skips such records)' if isinstance(e, MissingField) else ""
                     raise DataError(f"{r.get('_where', 'record ' + str(r.get('record_id')))}: "
                                     f"{what}, needed by template '{name}'{hint}") from None

@@ -211,7 +211,8 @@ def generate_reviews(num_records: int, seed: int = 0) -> list[dict]:
     return [generate_review(rng, i, r) for i, r in enumerate(ratings)]
 
 
-def pretraining_texts(records: list[dict]) -> list[str]:
-    """Raw review text for the base model's pretraining: "summary\\ntext", no instructions. Pass the
-    training split (or records from another seed) so evaluation texts stay unseen."""
-    return [f"{r['summary']}\n{r['text']}" for r in records]
+def pretraining_texts(records: list[dict], fields=("summary", "text")) -> list[str]:
+    """Raw review text for the base model's pretraining: "summary\\ntext" (the record's `fields`, a
+    line each), no instructions. Pass the training split (or records from another seed) so
+    evaluation texts stay unseen."""
+    return ["\n".join(str(r[f]) for f in fields if f in r) for r in records]

@@ -3,7 +3,9 @@
 A template is a prompt and a completion with `{field}` placeholders, plus a task kind that decides
 the evaluation metric. Placeholders are plain field names filled by one regex pass: no attribute
 or index access (what `str.format` would allow on user-controlled templates), and a value that
-itself contains `{text}` is inserted literally, never expanded again. `{{` and `}}` write braces.
+itself contains `{text}` is inserted literally, never expanded again. `{{`, `}}` and `{%` are
+Jinja's: refused, with a line that points to the Jinja form (ftcore.data.jinja_templates, where a
+lone brace is plain text); which templates a run uses is ftcore.data.template_sources'.
 
 Fields come from the record or from a named built-in derivation (`sentiment` and `stars` from
 `rating`, `product_clause` from `product`, language defaults for translation), so templates stay
@@ -41,25 +43,33 @@ class MissingField(TemplateError):
         super().__init__(f"record has no field '{field}' (needed by template '{template}')")
         self.field, self.template = field, template
 
+    @property
+    def what(self) -> str:
+        """Why the record cannot be rendered, as an error about that record says it."""
+        return f"no field '{self.field}'"
 
-# one token of template text: an escape, a placeholder, or a stray brace (an error)
-_TOKEN = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}|\{[^{}]*\}?|\}")
+
+# one token of template text: Jinja's delimiters (refused), a placeholder, or a stray brace (an error)
+_TOKEN = re.compile(r"\{\{|\}\}|\{%|\{([A-Za-z_][A-Za-z0-9_]*)\}|\{[^{}]*\}?|\}")
 
 
-def _parse(text: str, where: str) -> list[str | tuple[str]]:
-    """Literal strings and 1-tuples (field,) in order; stray braces are a TemplateError."""
+def _parse(text: str, where: str, name: str) -> list[str | tuple[str]]:
+    """Literal strings and 1-tuples (field,) in order; Jinja syntax and stray braces are a
+    TemplateError that says how to write the template instead."""
     parts: list[str | tuple[str]] = []
     pos = 0
+    jinja_form = (f"data.user_templates.{name} = {{jinja = \"... {{{{ field }}}} ... ||| {{{{ answer }}}}\"}} "
+                  "(or a template file in data.templates)")
     for m in _TOKEN.finditer(text):
         parts.append(text[pos:m.start()])
         tok = m.group(0)
-        if tok in ("{{", "}}"):
-            parts.append(tok[0])
-        elif m.group(1):
-            parts.append((m.group(1),))
-        else:
-            raise TemplateError(f"{where}: invalid placeholder {tok!r}: use a plain field name like "
-                                "{text}, and {{ or }} for a literal brace")
+        if tok in ("{{", "}}", "{%"):
+            raise TemplateError(f"{where}: {tok!r} is Jinja syntax, which a {{field}} template does not run: write "
+                                f"the template in the Jinja form, {jinja_form}")
+        if not m.group(1):
+            raise TemplateError(f"{where}: invalid placeholder {tok!r}: use a plain field name like {{text}}; "
+                                f"for a literal brace write the template in the Jinja form, {jinja_form}")
+        parts.append((m.group(1),))
         pos = m.end()
     parts.append(text[pos:])
     return [p for p in parts if p != ""]
@@ -147,8 +157,8 @@ class Template:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise TemplateError(f"template '{self.name}': kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        object.__setattr__(self, "_prompt_parts", _parse(self.prompt, f"template '{self.name}' prompt"))
-        object.__setattr__(self, "_completion_parts", _parse(self.completion, f"template '{self.name}' completion"))
+        object.__setattr__(self, "_prompt_parts", _parse(self.prompt, f"template '{self.name}' prompt", self.name))
+        object.__setattr__(self, "_completion_parts", _parse(self.completion, f"template '{self.name}' completion", self.name))
         if not self._completion_parts:
             raise TemplateError(f"template '{self.name}': the completion is empty")
 
@@ -173,6 +183,10 @@ class Template:
             return "".join(values[p[0]] if isinstance(p, tuple) else p for p in parts)
 
         return fill(self._prompt_parts), fill(self._completion_parts)
+
+    def choices(self, record: dict) -> tuple[str, ...]:
+        """A {field} template has no answer choices (its labels are the answers the data has)."""
+        return ()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,52 +306,6 @@ HELDOUT: dict[str, list[Template]] = {
 def heldout_templates(name: str) -> list[Template]:
     """Paraphrases of a built-in template, never used in training; [] for user templates."""
     return list(HELDOUT.get(name, []))
-
-
-# ----------------------------------------------------------------------------------------------
-# resolving data.templates / data.user_templates
-
-def user_template(name: str, spec: dict) -> Template:
-    where = f"data.user_templates.{name}"
-    unknown = set(spec) - {"prompt", "completion", "kind"}
-    if unknown:
-        raise TemplateError(f"{where}: unknown key '{sorted(unknown)[0]}' (keys: prompt, completion, kind)")
-    for key in ("prompt", "completion"):
-        if not isinstance(spec.get(key), str):
-            raise TemplateError(f"{where}.{key} is required (a string with {{field}} placeholders)")
-    if "@" in name:
-        raise TemplateError(f"{where}: '@' is reserved for held-out templates, pick another name")
-    return Template(name, spec["prompt"], spec["completion"], spec.get("kind", "generation"))
-
-
-def available_templates(user_templates: dict | None = None) -> dict[str, Template]:
-    """Built-ins plus the user's (a user template of the same name replaces the built-in)."""
-    out = {k: v for k, v in BUILTIN.items()}
-    for name, spec in (user_templates or {}).items():
-        out[name] = user_template(name, spec)
-    return out
-
-
-def resolve_templates(data_cfg) -> list[tuple[Template, float]]:
-    """data.templates (a list of names, or {name = weight}) -> [(template, weight)]."""
-    avail = available_templates(data_cfg.user_templates)
-    chosen = data_cfg.templates
-    items = list(chosen.items()) if isinstance(chosen, dict) else [(n, 1.0) for n in chosen]
-    if not items:
-        raise TemplateError("data.templates is empty: name at least one of " + ", ".join(avail))
-    out, seen = [], set()
-    for name, weight in items:
-        if "@heldout" in name:
-            raise TemplateError(f"data.templates: '{name}' is a held-out paraphrase, used only in evaluation")
-        if name not in avail:
-            raise TemplateError(f"data.templates: unknown template '{name}'; available: {', '.join(avail)}")
-        if not weight > 0:
-            raise TemplateError(f"data.templates: weight of '{name}' must be > 0, got {weight}")
-        if name in seen:
-            raise TemplateError(f"data.templates: '{name}' is listed twice")
-        seen.add(name)
-        out.append((avail[name], float(weight)))
-    return out
 
 
 _PUNCT = str.maketrans("", "", string.punctuation)

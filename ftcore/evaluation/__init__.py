@@ -57,10 +57,11 @@ def eval_examples(cfg, tokenizer, datasets) -> tuple[list, list]:
 
 def baseline_for_run(cfg, tokenizer, datasets, out_dir=None) -> dict[str, dict]:
     """{"baseline": baseline_results(...)} for a run's test examples (held-out paraphrases included)."""
-    from ftcore.data.templates import HELDOUT, available_templates
+    from ftcore.data.template_sources import resolve_templates
+    from ftcore.data.templates import HELDOUT
 
     test, _ = eval_examples(cfg, tokenizer, datasets)
-    templates = available_templates(cfg.data.user_templates)
+    templates = {t.name: t for t, _ in resolve_templates(cfg.data)}
     templates.update({t.name: t for ts in HELDOUT.values() for t in ts})
     records = {r["record_id"]: r for r in datasets.records.get("test", [])}
     outputs: dict = {}
@@ -104,7 +105,7 @@ def evaluate_for_run(cfg, model_dir, tokenizer, datasets, device, base: bool,
         outputs: dict = {}
         results[name] = evaluate_model(model, tokenizer, test, cfg.eval, device, shots_pool=shots_pool,
                                        outputs=outputs, seed=cfg.run.seed, progress=cfg.log.progress,
-                                       label_pool=datasets.train, chat=chat)
+                                       label_pool=datasets.train + datasets.answer_forms, chat=chat)
         write_generations(out_dir or cfg.run.dir, name, outputs)
     del model
     return results

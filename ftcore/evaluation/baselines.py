@@ -34,7 +34,8 @@ def baseline_results(examples, train_examples, records: dict[str, dict], templat
                      outputs: dict | None = None, max_heldout_examples: int = 0) -> dict[str, dict]:
     """{task: metrics} of the trivial answers, on the same test examples as the models.
     classification: the majority label of the task's training examples, for every example
-    (`majority_answer`; rank_* equal the plain metrics, since it ranks nothing).
+    (`majority_answer`; rank_* equal the plain metrics, since it ranks nothing; the label set is the
+    template's answer_choices where it has them).
     summarization / generation / translation: the first k words of lead_source, k the median
     word count of the task's training completions (`lead_words`). records: record_id -> record;
     templates: name -> Template; train_labels: {task: {label: count}} of the training split as the
@@ -51,7 +52,10 @@ def baseline_results(examples, train_examples, records: dict[str, dict], templat
             counts = Counter((train_labels or {}).get(exs[0].task) or [normalize_label(e.completion) for e in pool])
             majority = counts.most_common(1)[0][0]
             answers = [majority] * len(exs)
-            labels = sorted(counts, key=natural_order)
+            # the template's answer choices when one set serves every record, else the labels of training
+            choices = {e.choices for e in exs}
+            labels = list(dict.fromkeys(map(normalize_label, exs[0].choices))) if len(choices) == 1 and exs[0].choices \
+                else sorted(counts, key=natural_order)
             m = generation_metrics(kind, answers, references, labels)
             m.update(rank_accuracy=m["accuracy"], rank_macro_f1=m["macro_f1"], majority_answer=majority, label_set=labels)
         else:

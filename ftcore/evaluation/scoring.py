@@ -74,19 +74,28 @@ class LabelSet:
 def label_sets(examples) -> dict[str, LabelSet]:
     """{task: LabelSet} of the classification examples' completions, per task (held-out paraphrases
     share their task's labels); a label's ids are its answer tokens, without end-of-turn or eos.
-    Tasks with more than MAX_RANKED_LABELS labels are left out."""
+    A task whose template has answer_choices has those as its labels, in their order (the ones some
+    example writes); where they differ between records there is no one label set, and the task is
+    left out, as are tasks with more than MAX_RANKED_LABELS labels."""
     forms: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
+    choices: dict[str, set[tuple[str, ...]]] = defaultdict(set)
     for ex in examples:
         name = normalize_label(ex.completion)
         if ex.kind != "classification" or not name:
             continue
+        if ex.choices:
+            names = tuple(dict.fromkeys(normalize_label(c) for c in ex.choices))
+            choices[ex.task].add(names)
+            if name not in names:
+                continue  # an answer outside the template's choices is not a label
         if ids := ex.answer_ids:
             forms[ex.task][name][(ex.completion, tuple(ids))] += 1
     out = {}
     for task, by_name in forms.items():
-        if len(by_name) > MAX_RANKED_LABELS:
+        if len(choices.get(task, ())) > 1 or len(by_name) > MAX_RANKED_LABELS:
             continue
-        names = sorted(by_name, key=natural_order)
+        names = [n for n in next(iter(choices[task])) if n in by_name] if task in choices \
+            else sorted(by_name, key=natural_order)
         best = [by_name[n].most_common(1)[0][0] for n in names]
         out[task] = LabelSet(names, [t for t, _ in best], [list(i) for _, i in best])
     return out
