@@ -94,7 +94,6 @@ def test_a_record_a_template_does_not_apply_to_is_skipped_and_counted():
 
 @pytest.mark.parametrize("jinja, record, message", [
     ("{{ text.__class__.__mro__ }} ||| x", {"text": "a"}, "the sandbox refuses it: access to attribute '__class__'"),
-    ("{% set seen = [] %}{{ seen.append(text) }} ||| x", {"text": "a"}, "the sandbox refuses it: access to attribute 'append'"),
     ("{{ star - 1 }} ||| x", {"star": "5"}, "rendering failed (TypeError: unsupported operand type(s) for -: 'str' and "
                                             "'int') (CSV values are text: {{ x | int }} makes a number)"),
     ("{{ a }} ||| {{ b }} ||| {{ c }}", {"a": 1, "b": 2, "c": 3}, "renders 2 '|||' for this record; one separates"),
@@ -106,6 +105,16 @@ def test_rendering_failures_are_one_line(jinja, record, message):
     assert str(e.value).startswith("data.user_templates.t: ") and message in str(e.value) and "\n" not in str(e.value)
     assert not isinstance(e.value, MissingField)
     assert JinjaTemplate("t", "{{ star - 1 }} ||| x").render({"star": 5}) == ("4", " x")  # types kept
+
+
+def test_a_template_builds_lists_of_its_own_and_never_changes_the_record():
+    """promptsource's templates build lists with .append (194 of 2,085): allowed, on their own lists
+    and on the copy of the record each render gets."""
+    t = JinjaTemplate("t", "{% set seen = [] %}{% for w in words %}{% if w not in seen %}{{ seen.append(w) or '' }}"
+                           "{% endif %}{% endfor %}{{ seen | join(' ') }}{{ words.append('x') or '' }} ||| {{ words | length }}")
+    record = {"words": ["a", "b", "a"]}
+    assert t.render(record) == ("a b", " 4") and t.render(record) == ("a b", " 4")
+    assert record == {"words": ["a", "b", "a"]}
 
 
 def test_choice_draws_the_same_for_a_record_in_every_run():
@@ -326,11 +335,11 @@ def read_template_file_from_text(name, text, load_yaml) -> list[JinjaTemplate]:
 
 def test_promptsource_templates_render_as_promptsource_renders_them():
     """Every template of these datasets on real-looking records: ftcore's prompt, answer and choices
-    equal the reference's, or ftcore skips the record where the reference renders no answer, or the
-    sandbox refuses a template that modifies a list (and only such a template)."""
+    equal the reference's, or ftcore skips the record where the reference renders no answer (the
+    templates that build lists with .append included)."""
     from ftcore.data.miniyaml import load_yaml
     files = promptsource_files()
-    compared = refused = skipped = 0
+    compared = skipped = 0
     for dataset, records in RECORDS.items():
         (name,) = [n for n in files if n.endswith(f"/templates/{dataset}/templates.yaml")]
         raw = load_yaml(files[name], name)["templates"]
@@ -345,14 +354,10 @@ def test_promptsource_templates_render_as_promptsource_renders_them():
                     assert expected is None, (name, spec["name"])
                     skipped += 1
                     continue
-                except TemplateError as e:
-                    assert "sandbox refuses" in str(e) and re.search(r"\.(append|update|extend|pop)\(", spec["jinja"])
-                    refused += 1
-                    continue
                 assert (prompt, completion[1:], ours.choices(record)) == expected, (name, spec["name"])
                 assert completion[0] == " "
                 compared += 1
-    assert (compared, refused, skipped) == (81, 7, 2)
+    assert (compared, skipped) == (88, 2)
 
 
 def test_pretraining_reads_the_fields_pretrain_text_fields_names(tmp_path, capsys):

@@ -13,7 +13,8 @@ Hugging Face renders here to the same text.
   tokens on any day.
 
 Chat templates also get `trim_blocks` and `lstrip_blocks` (`chat_environment`); other templates
-(the prompt-template libraries' Jinja) take Jinja's defaults.
+(the prompt-template libraries' Jinja, ftcore.data.jinja_templates) take Jinja's defaults and a
+sandbox that lets them build lists of their own (`mutable`; each render gets a copy of the record).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import traceback
 
 import jinja2
 from jinja2.ext import Extension, loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEnvironment
 
 from ftcore.config import DEFAULT_CHAT_DATE
 
@@ -48,11 +49,14 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
-def environment(today: str = DEFAULT_CHAT_DATE, **options) -> ImmutableSandboxedEnvironment:
+def environment(today: str = DEFAULT_CHAT_DATE, mutable: bool = False, **options) -> SandboxedEnvironment:
     """The sandboxed environment with transformers' extensions, filters and globals; `today`
-    (YYYY-MM-DD, midnight) is what strftime_now formats; options go to the Environment."""
+    (YYYY-MM-DD, midnight) is what strftime_now formats; options go to the Environment. mutable:
+    lists and dicts may be modified (`x.append(..)`, which promptsource's templates use on lists
+    they build); the sandbox still keeps Python's internals out of reach."""
     now = datetime.datetime.combine(datetime.date.fromisoformat(today), datetime.time())
-    env = ImmutableSandboxedEnvironment(extensions=[_Generation, loopcontrols], **options)
+    sandbox = SandboxedEnvironment if mutable else ImmutableSandboxedEnvironment
+    env = sandbox(extensions=[_Generation, loopcontrols], **options)
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = now.strftime

@@ -10,9 +10,9 @@ promptsource's `zip` global and `choice` / `most_frequent` filters), the record'
 variables with their types (`star_rating-1` works on a JSON number), `answer_choices` as a list,
 a `|||` inside a record's own text kept out of the split, both parts stripped. Where ftcore differs,
 on purpose:
-- the environment is jinja2's ImmutableSandboxedEnvironment: a template reads the record but calls
-  no Python internals and modifies no list or dict (`x.append(..)` is refused: 194 of promptsource's
-  2,085 templates do that);
+- the environment is sandboxed (ftcore.data.jinja, `mutable`): a template reaches no Python
+  internals; it may build and modify lists of its own (`x.append(..)`: 194 of promptsource's 2,085
+  templates do), and what it modifies of the record is a copy made for that one render;
 - a variable the record lacks (absent, None or blank, as for `{field}` templates) raises
   MissingField naming it, where jinja would print nothing; `x is defined` and `x | default(..)` still
   work, and such a field is not required of the dataset;
@@ -26,6 +26,7 @@ on purpose:
 """
 from __future__ import annotations
 
+import copy
 import functools
 import random
 from collections import Counter
@@ -34,9 +35,10 @@ from typing import Any
 
 from jinja2 import StrictUndefined, meta, nodes, pass_context
 from jinja2.exceptions import SecurityError, TemplateSyntaxError, UndefinedError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import SandboxedEnvironment
 from jinja2.utils import missing
 
+from ftcore.data.jinja import environment
 from ftcore.data.templates import DERIVATIONS, KINDS, MissingField, TemplateError, _present
 
 SEPARATOR = "|||"
@@ -88,9 +90,11 @@ def _choice(context, items):
 
 
 @functools.cache
-def jinja_environment() -> ImmutableSandboxedEnvironment:
-    """The sandboxed environment prompt templates run in (one per process)."""
-    env = ImmutableSandboxedEnvironment(undefined=_Undefined)
+def jinja_environment() -> SandboxedEnvironment:
+    """The sandboxed environment prompt templates run in (one per process): ftcore's one Jinja set-up
+    with Jinja's default whitespace handling, promptsource's globals and filters, and an undefined
+    variable an error that names it."""
+    env = environment(mutable=True, undefined=_Undefined)
     env.globals["zip"] = zip
     env.filters.update(choice=_choice, most_frequent=_most_frequent)
     return env
@@ -184,7 +188,7 @@ class JinjaTemplate:
     def _context(self, record: dict) -> dict[str, Any]:
         """The record's fields with values (private ones left out), a '|||' in text hidden; a
         derived field the template names and the record lacks (sentiment from rating, ...)."""
-        context = {k: v.replace(SEPARATOR, _PIPE) if isinstance(v, str) else v
+        context = {k: v.replace(SEPARATOR, _PIPE) if isinstance(v, str) else copy.deepcopy(v)
                    for k, v in record.items() if not k.startswith("_") and _present(record, k)}
         for name in self._names - context.keys():
             if name in DERIVATIONS and (value := DERIVATIONS[name](record)) is not None:
@@ -207,8 +211,8 @@ class JinjaTemplate:
         except _Absent as e:
             raise MissingField(e.name, self.name) from None
         except SecurityError as e:
-            raise TemplateError(f"{self._where}: the sandbox refuses it: {e} (a template reads the "
-                                "record; it may not modify lists or dicts, nor reach Python internals)") from None
+            raise TemplateError(f"{self._where}: the sandbox refuses it: {e} (a template may not reach "
+                                "Python's internals)") from None
         except Exception as e:  # the template's own failure on this record: a user error, one line
             hint = " (CSV values are text: {{ x | int }} makes a number)" if isinstance(e, TypeError) and "'str'" in str(e) else ""
             raise TemplateError(f"{self._where}: rendering failed ({type(e).__name__}: {e}){hint}") from None
