@@ -146,12 +146,23 @@ def file_sha256(path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+# keys that may name files whose content is an input (the data; a template file, `FILE.yaml#NAME`)
+_FILE_KEYS = ("data.path", "data.templates", "data.chat_template")
+
+
+def _named_files(value) -> list[str]:
+    names = list(value) if isinstance(value, (list, dict)) else [value]
+    return [n.split("#", 1)[0] for n in names if isinstance(n, str) and n and Path(n.split("#", 1)[0]).is_file()]
+
+
 def inputs_record(cfg: Config, keys: tuple[str, ...]) -> dict:
-    """{key: value} of the config keys matching `keys`, plus data.path's SHA-256 when data.path is
-    one of them (the same path may hold other data next time); JSON values, sorted by key."""
+    """{key: value} of the config keys matching `keys`, plus the SHA-256 of each file such a key
+    names (data.path, a template file: the same path may hold other content next time); JSON
+    values, sorted by key."""
     rec = {k: v for k, v in _flat(cfg).items() if _matches(k, keys)}
-    if rec.get("data.path"):
-        rec["data.path sha256"] = file_sha256(rec["data.path"])
+    for key in _FILE_KEYS:
+        for name in _named_files(rec.get(key)):
+            rec[f"{key} sha256 {name}" if key != "data.path" else "data.path sha256"] = file_sha256(name)
     return json.loads(json.dumps(dict(sorted(rec.items()))))
 
 
