@@ -12,11 +12,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultLoadPlanner
-from torch.distributed.tensor import DTensor
 
-from ftcore.checkpoint import verify_checkpoint
+from ftcore.checkpoint import _dcp, verify_checkpoint
 from ftcore.config import Config, ConfigError, load_config
 from ftcore.files import publish_dir, staging_dir, staging_path
 from ftcore.gguf import is_gguf, write_gguf
@@ -59,13 +56,14 @@ def _checkpoint_source(ckpt: Path, base: str | None) -> Source:
     base_dir = Path(base) if base else base_dir_of_run(ckpt.parent.parent)
     run_cfg = _run_config(ckpt.parent.parent)
     model, shapes = _meta_model(read_config(base_dir))
+    dcp, _ = _dcp()
 
     def fetch(name: str) -> torch.Tensor:
         t = torch.empty(shapes[name].shape, dtype=shapes[name].dtype)
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process", per tensor
             warnings.simplefilter("ignore", UserWarning)
             # DCP reads this one tensor, resharding whatever the world size of the run was
-            dcp.load({"model": {name: t}}, checkpoint_id=str(ckpt), planner=DefaultLoadPlanner(allow_partial_load=True))
+            dcp.load({"model": {name: t}}, checkpoint_id=str(ckpt), planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
         return t
 
     shard_mb = run_cfg.checkpoint.max_shard_mb if run_cfg else Config().checkpoint.max_shard_mb
@@ -134,7 +132,7 @@ def export_hf(model, path: Path, proc: Process, tokenizer=None, max_shard_bytes:
     @torch.no_grad()
     def fetch(name):
         t = state[name]
-        t = t.full_tensor() if isinstance(t, DTensor) else t  # a collective: every rank, same order
+        t = t.full_tensor() if hasattr(t, "full_tensor") else t  # a DTensor: a collective, every rank, same order
         return t if proc.is_main else None
 
     tmp = staging_dir(path) if proc.is_main else staging_path(path)
