@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +25,7 @@ from child import ChildSpec, launch  # noqa: E402
 from ftcore.model import ModelConfig  # noqa: E402
 
 
+@pytest.mark.slow
 def test_smoke_table_json_and_sweep(tmp_path):
     p = subprocess.run([sys.executable, "bench/bench_step.py", "--smoke", "--sweep", "--out", str(tmp_path)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -513,6 +513,7 @@ def test_template_weights(tok):
     assert collections.Counter(e.template for e in ds.test) == {"rating": 200, "summary": 200}  # each once
 
 
+@pytest.mark.slow
 def test_tokenize_100k_examples_takes_seconds(tok):
     recs = review_rows(20_000, seed=9)
     templates = [(BUILTIN[n], 1.0) for n in ("rating", "sentiment", "summary", "review")] + \

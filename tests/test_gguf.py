@@ -365,6 +365,7 @@ def test_export_gguf_is_checked_before_training(setup, tmp_path):
 SMOLLM2 = os.environ.get("FTCORE_SMOLLM2_GGUF", "")
 
 
+@pytest.mark.slow
 def test_the_real_smollm2_file_reads_as_transformers_reads_it():
     """Q4_1 matrices, a Q8_0 embedding, F32 norms, tied, 9/3 heads, BPE with the 'smollm' split:
     ftcore's logits equal transformers' on review text; the token ids equal transformers' except

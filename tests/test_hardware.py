@@ -188,6 +188,7 @@ def _recorded(run_dir: Path) -> tuple[str, str]:
     return cfg.train.loss, cfg.train.precision
 
 
+@pytest.mark.slow
 def test_a_run_prints_and_records_the_choice_and_keeps_it_on_resume(tiny_setup, tmp_path):
     """The probe forced slow gives fp32, forced fast gives bf16 autocast (through the cache a real
     run reads); each is printed once and written to config.toml; the two runs' losses agree as

@@ -305,6 +305,7 @@ def _check_training_matches(device):
     assert dev.max() <= 1e-2 and dev.mean() <= 2e-3, (dev.max(), dev.mean())
 
 
+@pytest.mark.slow
 def test_training_with_all_fast_paths_matches_plain_torch(one_thread):
     # issue 8: 50 steps of the tiny model with the fused kernels + the Triton loss match the plain
     # torch path

@@ -174,6 +174,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the CPU figure is Linux's VmHWM")
 def test_peak_memory_is_each_steps_own(tiny_setup, tmp_path):
     """Step 1 holds 256 MiB more than the others for a moment: only its record shows it. Before,

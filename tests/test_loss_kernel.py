@@ -83,6 +83,7 @@ def test_no_labelled_row_is_zero_connected_and_finite():
                 assert t.grad is not None and t.grad.shape == t.shape and not t.grad.any()
 
 
+@pytest.mark.slow
 def test_compile_loss():
     # torch.compile of the reference (inductor needs a C++ compiler on CPU: gcc); one small case
     check_loss_kernel(get_loss("compile"), shapes=[(33, 40, 129)], dtypes=(torch.float32,),

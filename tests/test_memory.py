@@ -236,6 +236,7 @@ def test_cli_estimate_tiny_cpu():
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "/nonexistent" in bad.stderr
 
 
+@pytest.mark.slow
 def test_compiled_blocks_and_loss_fp32():
     """torch.compile: what AOTAutograd's partitioner keeps per block and for the loss (it fuses
     autocast's per-linear casts, keeps the SwiGLU product, writes d(logits) over the saved logits)."""

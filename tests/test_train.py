@@ -292,6 +292,7 @@ def test_non_finite_loss_stops_or_skips(tiny_setup, tmp_path):
     assert all(torch.isfinite(p).all() for p in final.parameters())  # the skipped step changed nothing
 
 
+@pytest.mark.slow
 def test_compiled_blocks_same_gradients():
     """train.compile: each block compiled (here with selective checkpointing inside, as in the
     fast GPU configuration) gives the eager model's loss and gradients."""

@@ -351,6 +351,7 @@ def _measure(root, name, dtype):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 @pytest.mark.parametrize("name,dtype", [("fp32", "float32"), ("bf16", "float32"), ("fp32", "bfloat16")],
                          ids=["fp32-as-fp32", "bf16-as-fp32", "fp32-as-bf16"])
